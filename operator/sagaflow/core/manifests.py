@@ -1,0 +1,178 @@
+"""Pydantic models of the `sagaflow.io/v1alpha1` resources, shared by every mode.
+
+Local mode reads them from YAML files and the operator from custom resources; both
+validate with these models, so a manifest means the same thing everywhere. Field
+names follow Kubernetes conventions (camelCase on the wire, snake_case in Python).
+Cross-field rules (unique step names, known dependencies, no cycles, valid
+expressions) live in `sagaflow.core.validation`, which reports every problem with
+its field path.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic.alias_generators import to_camel
+
+from sagaflow.core.durations import parse_duration
+
+API_GROUP = "sagaflow.io"
+API_VERSION = f"{API_GROUP}/v1alpha1"
+NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+STEP_NAME_PATTERN = r"^[a-zA-Z][a-zA-Z0-9_-]{0,62}$"
+STEP_TYPE_PATTERN = r"^[a-zA-Z][a-zA-Z0-9_-]*(\.[a-zA-Z][a-zA-Z0-9_-]*)+$"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+
+def _check_duration(value: str | None) -> str | None:
+    if value is not None:
+        parse_duration(value)
+    return value
+
+
+class RetryPolicy(_Model):
+    max_attempts: int = Field(default=3, ge=1, le=1000)
+    initial_interval: str = "1s"
+    backoff_coefficient: float = Field(default=2.0, ge=1.0, le=100.0)
+    max_interval: str = "5m"
+    non_retryable_errors: tuple[str, ...] = ()
+
+    _durations = field_validator("initial_interval", "max_interval")(_check_duration)
+
+
+class StepSpec(_Model):
+    name: str = Field(pattern=STEP_NAME_PATTERN)
+    type: str = Field(pattern=STEP_TYPE_PATTERN)
+    input: dict[str, Any] | None = None
+    depends_on: tuple[str, ...] = ()
+    retry: RetryPolicy | None = None
+    timeout: str | None = None
+    heartbeat_timeout: str | None = None
+
+    _durations = field_validator("timeout", "heartbeat_timeout")(_check_duration)
+
+
+class WorkflowSpec(_Model):
+    steps: tuple[StepSpec, ...] = Field(min_length=1, max_length=500)
+    timeout: str | None = None
+    retry: RetryPolicy | None = None
+    output: Any = None
+
+    _durations = field_validator("timeout")(_check_duration)
+
+
+class ObjectMeta(BaseModel):
+    """The parts of Kubernetes metadata Sagaflow reads; the rest passes through."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: str = Field(pattern=NAME_PATTERN, max_length=253)
+    namespace: str = Field(default="default", pattern=NAME_PATTERN, max_length=63)
+    uid: str | None = None
+    generation: int | None = None
+
+
+class Workflow(_Model):
+    api_version: Literal["sagaflow.io/v1alpha1"]
+    kind: Literal["Workflow"]
+    metadata: ObjectMeta
+    spec: WorkflowSpec
+
+
+class WorkflowRef(_Model):
+    name: str = Field(pattern=NAME_PATTERN)
+
+
+class ExecutionSpec(_Model):
+    workflow_ref: WorkflowRef
+    input: dict[str, Any] = Field(default_factory=dict)
+
+
+class Execution(_Model):
+    api_version: Literal["sagaflow.io/v1alpha1"]
+    kind: Literal["Execution"]
+    metadata: ObjectMeta
+    spec: ExecutionSpec
+    status: dict[str, Any] | None = None
+
+
+class ExecutionPhase(StrEnum):
+    PENDING = "Pending"
+    RUNNING = "Running"
+    SUSPENDED = "Suspended"
+    COMPENSATING = "Compensating"
+    COMPLETED = "Completed"
+    FAILED = "Failed"
+    CANCELLED = "Cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in _TERMINAL_EXECUTION
+
+
+_TERMINAL_EXECUTION = frozenset(
+    {ExecutionPhase.COMPLETED, ExecutionPhase.FAILED, ExecutionPhase.CANCELLED}
+)
+
+
+class StepPhase(StrEnum):
+    PENDING = "Pending"
+    RUNNING = "Running"
+    RETRYING = "Retrying"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SKIPPED = "Skipped"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in _TERMINAL_STEP
+
+
+_TERMINAL_STEP = frozenset({StepPhase.SUCCEEDED, StepPhase.FAILED, StepPhase.SKIPPED})
+
+
+class StepError(_Model):
+    type: str
+    message: str
+
+
+class StepStatus(_Model):
+    name: str
+    phase: StepPhase
+    attempts: int = 0
+    started_at: str | None = None
+    finished_at: str | None = None
+    next_retry_at: str | None = None
+    output: Any = None
+    output_ref: str | None = None
+    error: StepError | None = None
+
+
+class Condition(_Model):
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str
+    message: str = ""
+    last_transition_time: str
+
+
+class ExecutionStatus(_Model):
+    phase: ExecutionPhase
+    workflow_version: int | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    steps: tuple[StepStatus, ...] = ()
+    output: Any = None
+    error: StepError | None = None
+    conditions: tuple[Condition, ...] = ()
+
+
+def is_dns_label(name: str) -> bool:
+    return re.match(NAME_PATTERN, name) is not None

@@ -1,0 +1,183 @@
+"""Wire contracts between the orchestrator and step runners.
+
+Commands go to a queue per step-type prefix (`steps.inventory` for
+`inventory.reserve`); result events come back on one events queue. The session is
+the execution id, so one execution's messages are handled in order. Every message
+id derives from the attempt id (`<execution>/<step>/<attempt>`), so a redelivered
+command or a duplicated result is recognised at every hop.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+EVENTS_QUEUE = "sagaflow.events"
+COMMANDS_QUEUE_PREFIX = "steps."
+
+
+def commands_queue(step_type: str) -> str:
+    """`inventory.reserve` -> `steps.inventory`: one queue per runner service prefix."""
+    return COMMANDS_QUEUE_PREFIX + step_type.split(".", 1)[0]
+
+
+def attempt_id(execution_id: str, step: str, attempt: int) -> str:
+    return f"{execution_id}/{step}/{attempt}"
+
+
+class MalformedMessageError(ValueError):
+    """A message body that does not follow the contract; it is dead-lettered."""
+
+
+@dataclass(frozen=True, slots=True)
+class ExecuteStep:
+    execution_id: str
+    execution: str  # namespace/name, for people and logs
+    step: str
+    attempt: int
+    type: str
+    input: dict[str, Any]
+    deadline: str | None  # ISO-8601, when the attempt times out
+    heartbeat_timeout: float | None  # seconds
+
+    @property
+    def attempt_id(self) -> str:
+        return attempt_id(self.execution_id, self.step, self.attempt)
+
+    def encode(self) -> bytes:
+        return _dumps(
+            {
+                "kind": "ExecuteStep",
+                "executionId": self.execution_id,
+                "execution": self.execution,
+                "step": self.step,
+                "attempt": self.attempt,
+                "type": self.type,
+                "input": self.input,
+                "deadline": self.deadline,
+                "heartbeatTimeout": self.heartbeat_timeout,
+            }
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """StepCompleted, StepFailed or StepHeartbeat, as sent by a runner."""
+
+    kind: Literal["StepCompleted", "StepFailed", "StepHeartbeat"]
+    execution_id: str
+    step: str
+    attempt: int
+    output: dict[str, Any] | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    retryable: bool = True
+    sequence: int = 0  # heartbeats count up so each has its own message id
+
+    @property
+    def message_id(self) -> str:
+        base = attempt_id(self.execution_id, self.step, self.attempt)
+        if self.kind == "StepHeartbeat":
+            return f"{base}/heartbeat/{self.sequence}"
+        return f"{base}/result"
+
+    def encode(self) -> bytes:
+        body: dict[str, Any] = {
+            "kind": self.kind,
+            "executionId": self.execution_id,
+            "step": self.step,
+            "attempt": self.attempt,
+        }
+        if self.kind == "StepCompleted":
+            body["output"] = self.output if self.output is not None else {}
+        elif self.kind == "StepFailed":
+            body["error"] = {
+                "type": self.error_type or "Error",
+                "message": self.error_message or "",
+                "retryable": self.retryable,
+            }
+        else:
+            body["sequence"] = self.sequence
+        return _dumps(body)
+
+
+def decode_command(body: bytes) -> ExecuteStep:
+    data = _loads(body)
+    if data.get("kind") != "ExecuteStep":
+        raise MalformedMessageError(f"kind: expected ExecuteStep, got {data.get('kind')!r}")
+    try:
+        cmd = ExecuteStep(
+            execution_id=_str(data, "executionId"),
+            execution=_str(data, "execution"),
+            step=_str(data, "step"),
+            attempt=_int(data, "attempt"),
+            type=_str(data, "type"),
+            input=_obj(data, "input"),
+            deadline=data.get("deadline"),
+            heartbeat_timeout=data.get("heartbeatTimeout"),
+        )
+    except (KeyError, TypeError) as exc:
+        raise MalformedMessageError(str(exc)) from exc
+    return cmd
+
+
+def decode_result(body: bytes) -> StepResult:
+    data = _loads(body)
+    kind = data.get("kind")
+    common = {
+        "execution_id": _str(data, "executionId"),
+        "step": _str(data, "step"),
+        "attempt": _int(data, "attempt"),
+    }
+    if kind == "StepCompleted":
+        return StepResult(kind="StepCompleted", output=_obj(data, "output"), **common)
+    if kind == "StepFailed":
+        error = _obj(data, "error")
+        return StepResult(
+            kind="StepFailed",
+            error_type=_str(error, "type"),
+            error_message=str(error.get("message", "")),
+            retryable=bool(error.get("retryable", True)),
+            **common,
+        )
+    if kind == "StepHeartbeat":
+        return StepResult(kind="StepHeartbeat", sequence=_int(data, "sequence"), **common)
+    raise MalformedMessageError(
+        f"kind: expected StepCompleted, StepFailed or StepHeartbeat, got {kind!r}"
+    )
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _loads(body: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MalformedMessageError(f"body is not JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise MalformedMessageError("body: expected a JSON object")
+    return data
+
+
+def _str(data: dict[str, Any], key: str) -> str:
+    value = data.get(key)
+    if not isinstance(value, str) or not value:
+        raise MalformedMessageError(f"{key}: expected a non-empty string")
+    return value
+
+
+def _int(data: dict[str, Any], key: str) -> int:
+    value = data.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise MalformedMessageError(f"{key}: expected a non-negative integer")
+    return value
+
+
+def _obj(data: dict[str, Any], key: str) -> dict[str, Any]:
+    value = data.get(key)
+    if not isinstance(value, dict):
+        raise MalformedMessageError(f"{key}: expected a JSON object")
+    return value

@@ -1,0 +1,98 @@
+"""Ports: what the orchestrator and the runners need from the outside world.
+
+Named for the need, not the technology. Adapters (`sagaflow.adapters.*`) implement
+them: the Postgres bus as the embedded default, Azure Service Bus in production.
+The bus contract is Service Bus's: named queues, sessions (one execution's messages
+are handled in order by one receiver at a time), peek-lock with lock expiry and
+redelivery, a delivery count with dead-lettering past a maximum, and scheduled
+delivery. Message ids are deterministic so every hop can deduplicate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol, runtime_checkable
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+Clock = Callable[[], datetime]
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingMessage:
+    queue: str
+    message_id: str
+    session_id: str
+    body: bytes
+    scheduled_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedMessage:
+    queue: str
+    message_id: str
+    session_id: str
+    body: bytes
+    delivery_count: int
+    enqueued_at: datetime
+    locked_until: datetime
+    lock_token: str
+    # Adapter-private handle (a row sequence for Postgres, the SDK message for Service Bus).
+    handle: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    queue: str
+    message_id: str
+    session_id: str
+    body: bytes
+    reason: str
+    description: str
+    delivery_count: int
+    dead_lettered_at: datetime
+
+
+class MessageLockLostError(Exception):
+    """Settling a message whose lock expired or was taken by another receiver."""
+
+
+@runtime_checkable
+class Bus(Protocol):
+    async def send(self, messages: Sequence[OutgoingMessage]) -> None: ...
+
+    async def receive(
+        self, queue: str, *, max_messages: int = 100, max_wait: float = 5.0
+    ) -> list[ReceivedMessage]:
+        """Lock and return up to `max_messages`; wait up to `max_wait` s for the first."""
+        ...
+
+    async def complete(self, messages: Sequence[ReceivedMessage]) -> None: ...
+
+    async def abandon(self, messages: Sequence[ReceivedMessage]) -> None: ...
+
+    async def dead_letter(
+        self, message: ReceivedMessage, *, reason: str, description: str
+    ) -> None: ...
+
+    async def renew_lock(self, messages: Sequence[ReceivedMessage]) -> None: ...
+
+    async def dead_letters(self, queue: str) -> list[DeadLetter]: ...
+
+    async def close(self) -> None: ...
+
+
+@runtime_checkable
+class TransactionalBus(Bus, Protocol):
+    """A bus that lives in the state database, so sends and settlements can join the
+    caller's transaction: the state change, the commands it causes and the consumed
+    events commit together, and no outbox relay hop is needed."""
+
+    async def send_in(self, conn: Any, messages: Sequence[OutgoingMessage]) -> None: ...
+
+    async def complete_in(self, conn: Any, messages: Sequence[ReceivedMessage]) -> None: ...
