@@ -18,7 +18,8 @@ def parse_duration(text: str) -> float:
     """Return seconds for a duration string; raise ValueError naming the accepted forms."""
     if not isinstance(text, str) or not _WHOLE.match(text):
         raise ValueError(
-            f"invalid duration {text!r}: use a number and a unit (ms, s, m, h, d), e.g. 500ms, 30s, 1h30m"
+            f"invalid duration {text!r}: use a number and a unit "
+            "(ms, s, m, h, d), e.g. 500ms, 30s, 1h30m"
         )
     return sum(float(num) * _UNIT_SECONDS[unit] for num, unit in _PART.findall(text))
 

@@ -125,24 +125,28 @@ def decode_command(body: bytes) -> ExecuteStep:
 def decode_result(body: bytes) -> StepResult:
     data = _loads(body)
     kind = data.get("kind")
-    common = {
-        "execution_id": _str(data, "executionId"),
-        "step": _str(data, "step"),
-        "attempt": _int(data, "attempt"),
-    }
+    execution_id, step, attempt = (
+        _str(data, "executionId"),
+        _str(data, "step"),
+        _int(data, "attempt"),
+    )
     if kind == "StepCompleted":
-        return StepResult(kind="StepCompleted", output=_obj(data, "output"), **common)
+        return StepResult("StepCompleted", execution_id, step, attempt, output=_obj(data, "output"))
     if kind == "StepFailed":
         error = _obj(data, "error")
         return StepResult(
-            kind="StepFailed",
+            "StepFailed",
+            execution_id,
+            step,
+            attempt,
             error_type=_str(error, "type"),
             error_message=str(error.get("message", "")),
             retryable=bool(error.get("retryable", True)),
-            **common,
         )
     if kind == "StepHeartbeat":
-        return StepResult(kind="StepHeartbeat", sequence=_int(data, "sequence"), **common)
+        return StepResult(
+            "StepHeartbeat", execution_id, step, attempt, sequence=_int(data, "sequence")
+        )
     raise MalformedMessageError(
         f"kind: expected StepCompleted, StepFailed or StepHeartbeat, got {kind!r}"
     )

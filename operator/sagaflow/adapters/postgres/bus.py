@@ -1,0 +1,446 @@
+"""The embedded message bus: Azure Service Bus semantics over Postgres tables.
+
+It lives in the state database (tables in `migrations/0001_bus.sql`) so a state
+change, the messages it sends and the messages it consumed commit in one
+transaction (`send_in`, `complete_in`), with no outbox relay.
+
+Semantics (Service Bus's): every message belongs to a session; a receive locks whole
+sessions (a `bus_sessions` row) and the session's messages with the same token, so
+one receiver at a time sees a session, in send order. A session is released when its
+holder has settled every message it got; an expired lock lets the session and its
+unsettled messages be received again (delivery count + 1). A message received more
+than `max_delivery_count` times is dead-lettered instead. Times come from the
+injected clock, passed as parameters, never from the database's now().
+
+Each operation is one statement over arrays (`unnest`), so batches cost one round
+trip. Waiting receivers sleep on LISTEN (channel `sagaflow_bus`, payload the queue)
+or until the next scheduled message or lock expiry, never polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+import asyncpg
+
+from sagaflow.core.ports import (
+    Clock,
+    DeadLetter,
+    MessageLockLostError,
+    OutgoingMessage,
+    ReceivedMessage,
+    utc_now,
+)
+
+NOTIFY_CHANNEL = "sagaflow_bus"
+
+# A receive that lost every session it picked to concurrent receivers tries again at
+# once (their locks are visible then); bounded, in case contention is extreme.
+_RECEIVE_ATTEMPTS = 8
+
+_SEND = """
+WITH ins AS (
+    INSERT INTO bus_messages (queue, message_id, session_id, body, enqueued_at, visible_at)
+    SELECT t.queue, t.message_id, t.session_id, t.body, $6, t.visible_at
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::timestamptz[])
+         WITH ORDINALITY AS t(queue, message_id, session_id, body, visible_at, ord)
+    ORDER BY t.ord
+    ON CONFLICT (queue, message_id) DO NOTHING
+    RETURNING queue
+)
+SELECT pg_notify('sagaflow_bus', d.queue) FROM (SELECT DISTINCT queue FROM ins) AS d
+"""
+
+# $1 queue, $2 now, $3 max messages, $4 locked until, $5 max delivery count.
+# `win`: the first available messages in send order, in sessions nobody holds. For
+# each session they are its oldest available messages, so FIFO holds. `sess` locks
+# those sessions; ON CONFLICT re-checks the lock against the latest committed row,
+# so of two concurrent receivers only one gets a session. Messages of won sessions
+# are then dead-lettered (too many deliveries) or locked and returned. Rows: 'm' a
+# message, 's' a won session that got no message (to release), 'w' the window size.
+_RECEIVE = """
+WITH win AS (
+    SELECT m.seq, m.session_id
+    FROM bus_messages m
+    WHERE m.queue = $1
+      AND (m.visible_at IS NULL OR m.visible_at <= $2)
+      AND (m.locked_until IS NULL OR m.locked_until <= $2)
+      AND NOT EXISTS (
+          SELECT 1 FROM bus_sessions s
+          WHERE s.queue = $1 AND s.session_id = m.session_id AND s.locked_until > $2)
+    ORDER BY m.seq
+    LIMIT $3
+), sess AS (
+    INSERT INTO bus_sessions AS s (queue, session_id, lock_token, locked_until)
+    SELECT $1, w.session_id, gen_random_uuid(), $4
+    FROM (SELECT DISTINCT session_id FROM win) AS w
+    ORDER BY w.session_id
+    ON CONFLICT (queue, session_id) DO UPDATE
+        SET lock_token = excluded.lock_token, locked_until = excluded.locked_until
+        WHERE s.locked_until <= $2
+    RETURNING s.session_id, s.lock_token
+), ours AS (
+    SELECT win.seq, sess.lock_token FROM win JOIN sess USING (session_id)
+), dead AS (
+    DELETE FROM bus_messages m USING ours
+    WHERE m.queue = $1 AND m.seq = ours.seq AND m.delivery_count >= $5
+      AND (m.locked_until IS NULL OR m.locked_until <= $2)
+    RETURNING m.message_id, m.session_id, m.body, m.delivery_count, m.enqueued_at
+), buried AS (
+    INSERT INTO bus_dead_letters (queue, message_id, session_id, body, reason, description,
+                                  delivery_count, enqueued_at, dead_lettered_at)
+    SELECT $1, message_id, session_id, body, 'MaxDeliveryCountExceeded', format(
+           'delivered %s times, the maximum', delivery_count), delivery_count, enqueued_at, $2
+    FROM dead
+), got AS (
+    UPDATE bus_messages m
+    SET lock_token = ours.lock_token, locked_until = $4, delivery_count = m.delivery_count + 1
+    FROM ours
+    WHERE m.queue = $1 AND m.seq = ours.seq AND m.delivery_count < $5
+      AND (m.locked_until IS NULL OR m.locked_until <= $2)
+    RETURNING m.*
+)
+SELECT 'm' AS kind, seq, message_id, session_id, body, delivery_count, enqueued_at, lock_token
+FROM got
+UNION ALL
+SELECT 's', NULL, NULL, sess.session_id, NULL, NULL, NULL, sess.lock_token FROM sess
+WHERE NOT EXISTS (SELECT 1 FROM got WHERE got.session_id = sess.session_id)
+UNION ALL
+SELECT 'w', count(*), NULL, NULL, NULL, NULL, NULL, NULL FROM win
+"""
+
+# Lock order, to stay free of deadlocks: every statement locks session rows first,
+# in (queue, session_id) order, then messages. A receive inserts its sessions sorted
+# (ON CONFLICT locks even the rows it fails to take); settling locks its sessions
+# with a sorted FOR UPDATE and touches messages only after that (`_AFTER_LOCKING` is
+# a one-time gate evaluated before the first message row).
+_AFTER_LOCKING = "(SELECT count(*) FROM locked) >= 0"
+
+# $1 queue, $2 now: when may a waiting receiver find something without a notification?
+_NEXT_DUE = """
+SELECT least(
+    (SELECT min(visible_at) FROM bus_messages WHERE queue = $1 AND visible_at > $2),
+    (SELECT min(locked_until) FROM bus_sessions WHERE queue = $1 AND locked_until > $2))
+"""
+
+# Settling: $1-$4 are the messages' queues, seqs, lock tokens and session ids.
+_LOCK_SESSIONS = """
+WITH held AS (
+    SELECT * FROM unnest($1::text[], $2::bigint[], $3::uuid[], $4::text[])
+        AS t(queue, seq, token, session_id)
+), locked AS MATERIALIZED (
+    SELECT s.queue, s.session_id, s.lock_token FROM bus_sessions s
+    WHERE (s.queue, s.session_id, s.lock_token) IN (SELECT queue, session_id, token FROM held)
+    ORDER BY s.queue, s.session_id
+    FOR UPDATE
+)"""
+
+# After a `settled` CTE: release the locked sessions of which the holder keeps no
+# message (the snapshot still shows the settled rows, hence the seq filter), and wake
+# the queue's waiters when a released session has messages waiting.
+_RELEASE_AND_WAKE = """
+, released AS (
+    DELETE FROM bus_sessions s USING locked d
+    WHERE s.queue = d.queue AND s.session_id = d.session_id
+      AND NOT EXISTS (
+          SELECT 1 FROM bus_messages h
+          WHERE h.queue = d.queue AND h.session_id = d.session_id
+            AND h.lock_token = d.lock_token AND h.seq <> ALL($2::bigint[]))
+    RETURNING s.queue, s.session_id
+), woken AS (
+    SELECT pg_notify('sagaflow_bus', d.queue)
+    FROM (SELECT DISTINCT r.queue FROM released r
+          WHERE EXISTS (SELECT 1 FROM bus_messages p
+                        WHERE p.queue = r.queue AND p.session_id = r.session_id
+                          AND {pending})) AS d
+)
+SELECT (SELECT count(*) FROM settled), (SELECT count(*) FROM woken)
+"""
+
+_HELD_MATCH = f"""{_AFTER_LOCKING}
+      AND m.queue = t.queue AND m.seq = t.seq AND m.lock_token = t.token"""
+_OTHERS_PENDING = "p.seq <> ALL($2::bigint[])"
+
+# $5 now: an expired lock is lost even if nobody has taken the message yet.
+_COMPLETE = f"""{_LOCK_SESSIONS}, settled AS (
+    DELETE FROM bus_messages m USING held t
+    WHERE {_HELD_MATCH} AND m.locked_until > $5
+    RETURNING m.queue, m.session_id
+)""" + _RELEASE_AND_WAKE.format(pending=_OTHERS_PENDING)
+
+# $5 now, $6 reason, $7 description.
+_DEAD_LETTER = f"""{_LOCK_SESSIONS}, settled AS (
+    DELETE FROM bus_messages m USING held t
+    WHERE {_HELD_MATCH} AND m.locked_until > $5
+    RETURNING m.*
+), buried AS (
+    INSERT INTO bus_dead_letters (queue, message_id, session_id, body, reason, description,
+                                  delivery_count, enqueued_at, dead_lettered_at)
+    SELECT queue, message_id, session_id, body, $6, $7, delivery_count, enqueued_at, $5
+    FROM settled
+)""" + _RELEASE_AND_WAKE.format(pending=_OTHERS_PENDING)
+
+# Abandoning does not check expiry: the message is meant to be redelivered anyway,
+# and a lock taken over by another receiver no longer matches the token. The
+# abandoned messages themselves are pending, so a release always wakes.
+_ABANDON = f"""{_LOCK_SESSIONS}, settled AS (
+    UPDATE bus_messages m SET lock_token = NULL, locked_until = NULL
+    FROM held t
+    WHERE {_HELD_MATCH}
+    RETURNING m.queue, m.session_id
+)""" + _RELEASE_AND_WAKE.format(pending="true")
+
+# $5 now, $6 new locked_until. The main query reads `renewed` only, so `relocked`
+# runs after it, when all the sessions are locked.
+_RENEW = f"""{_LOCK_SESSIONS}, renewed AS (
+    UPDATE bus_sessions s SET locked_until = $6
+    FROM locked d
+    WHERE s.queue = d.queue AND s.session_id = d.session_id AND s.locked_until > $5
+    RETURNING s.queue, s.session_id, s.lock_token
+), relocked AS (
+    UPDATE bus_messages m SET locked_until = $6
+    FROM renewed r
+    WHERE m.queue = r.queue AND m.session_id = r.session_id AND m.lock_token = r.lock_token
+)
+SELECT (SELECT count(*) FROM renewed),
+       (SELECT count(*) FROM (SELECT DISTINCT queue, session_id FROM held) AS d)
+"""
+
+_DEAD_LETTERS = """
+SELECT queue, message_id, session_id, body, reason, description, delivery_count,
+       dead_lettered_at
+FROM bus_dead_letters WHERE queue = $1 ORDER BY seq
+"""
+
+
+def _held(messages: Sequence[ReceivedMessage]) -> list[list[Any]]:
+    """[queues, seqs, tokens, session ids] of distinct messages, for `_LOCK_SESSIONS`."""
+    held = {int(m.handle): (m.queue, int(m.handle), m.lock_token, m.session_id) for m in messages}
+    return _columns(held.values())
+
+
+def _columns(rows: Iterable[tuple[Any, ...]]) -> list[list[Any]]:
+    """Rows to per-column lists: the arrays `unnest` turns back into rows."""
+    return [list(column) for column in zip(*rows, strict=True)]
+
+
+class PostgresBus:
+    """A `TransactionalBus` over an asyncpg pool on a database migrated by `migrate()`.
+
+    `listen_dsn` opens the LISTEN connection for waiting receivers; without it one
+    pool connection is borrowed for the bus's lifetime.
+    """
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        clock: Clock = utc_now,
+        lock_duration: float = 60.0,
+        max_delivery_count: int = 10,
+        listen_dsn: str | None = None,
+    ) -> None:
+        if lock_duration <= 0 or max_delivery_count < 1:
+            raise ValueError("lock_duration must be > 0 and max_delivery_count >= 1")
+        self._pool = pool
+        self._clock = clock
+        self._lock_duration = timedelta(seconds=lock_duration)
+        self._max_delivery_count = max_delivery_count
+        self._listen_dsn = listen_dsn
+        # One event per queue with waiters; a notification pops and sets it, so every
+        # receiver that took the event before the notification wakes, none misses it.
+        self._events: dict[str, asyncio.Event] = {}
+        self._listener: Any = None
+        self._lost_listener: Any = None
+        self._listener_lock = asyncio.Lock()
+        self._closed = False
+
+    # -- sending ------------------------------------------------------------------
+
+    async def send(self, messages: Sequence[OutgoingMessage]) -> None:
+        if messages:
+            async with self._pool.acquire() as conn:
+                await self.send_in(conn, messages)
+
+    async def send_in(self, conn: Any, messages: Sequence[OutgoingMessage]) -> None:
+        """Send within `conn`'s transaction: visible (and notified) when it commits."""
+        if messages:
+            rows = [(m.queue, m.message_id, m.session_id, m.body, m.scheduled_at) for m in messages]
+            await conn.execute(_SEND, *_columns(rows), self._clock())
+
+    # -- receiving ----------------------------------------------------------------
+
+    async def receive(
+        self, queue: str, *, max_messages: int = 100, max_wait: float = 5.0
+    ) -> list[ReceivedMessage]:
+        if max_messages < 1:
+            raise ValueError("max_messages must be at least 1")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max_wait
+        while not self._closed:
+            # Taken before looking, so a send committed after the look still wakes us.
+            wake = await self._wake_event(queue) if max_wait > 0 else None
+            messages = await self._receive_now(queue, max_messages)
+            remaining = deadline - loop.time()
+            if messages or wake is None or remaining <= 0:
+                return messages
+            await self._sleep(queue, wake, remaining)
+        return []
+
+    async def _receive_now(self, queue: str, max_messages: int) -> list[ReceivedMessage]:
+        for _ in range(_RECEIVE_ATTEMPTS):
+            now = self._clock()
+            until = now + self._lock_duration
+            async with self._pool.acquire() as conn:
+                try:
+                    rows = await conn.fetch(
+                        _RECEIVE, queue, now, max_messages, until, self._max_delivery_count
+                    )
+                except asyncpg.DeadlockDetectedError:  # not expected, given the lock order
+                    continue
+                messages = [_received(queue, row, until) for row in rows if row["kind"] == "m"]
+                idle = [row for row in rows if row["kind"] == "s"]
+                if idle:
+                    # Won sessions whose messages went meanwhile (or to the dead letters):
+                    # abandon no message (seq 0 is never used) to release them.
+                    sessions = [(queue, 0, r["lock_token"], r["session_id"]) for r in idle]
+                    await conn.fetchrow(_ABANDON, *_columns(sessions))
+            window = next(row["seq"] for row in rows if row["kind"] == "w")
+            if messages or window == 0:
+                return sorted(messages, key=lambda m: int(m.handle))
+        return []
+
+    async def _sleep(self, queue: str, wake: asyncio.Event, remaining: float) -> None:
+        async with self._pool.acquire() as conn:
+            now = self._clock()
+            due: datetime | None = await conn.fetchval(_NEXT_DUE, queue, now)
+        timeout = remaining if due is None else min(remaining, (due - now).total_seconds())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), max(timeout, 0.0))
+
+    # -- settling -----------------------------------------------------------------
+
+    async def complete(self, messages: Sequence[ReceivedMessage]) -> None:
+        """Complete all or none: a lost lock raises and completes nothing."""
+        if messages:
+            async with self._pool.acquire() as conn, conn.transaction():
+                await self.complete_in(conn, messages)
+
+    async def complete_in(self, conn: Any, messages: Sequence[ReceivedMessage]) -> None:
+        """Complete within `conn`'s transaction. On MessageLockLostError the caller must
+        roll back: the messages will be (or already were) delivered again."""
+        if messages:
+            held = _held(messages)
+            settled, _ = await conn.fetchrow(_COMPLETE, *held, self._clock())
+            if settled != len(held[1]):
+                raise MessageLockLostError(
+                    f"{len(held[1]) - settled} of {len(held[1])} messages are no longer "
+                    "locked by this receiver (lock expired or taken over)"
+                )
+
+    async def abandon(self, messages: Sequence[ReceivedMessage]) -> None:
+        """Release the locks for redelivery; a lock already lost is left as it is."""
+        if messages:
+            async with self._pool.acquire() as conn:
+                await conn.fetchrow(_ABANDON, *_held(messages))
+
+    async def dead_letter(self, message: ReceivedMessage, *, reason: str, description: str) -> None:
+        async with self._pool.acquire() as conn:
+            settled, _ = await conn.fetchrow(
+                _DEAD_LETTER, *_held([message]), self._clock(), reason, description
+            )
+        if settled != 1:
+            raise MessageLockLostError(f"message {message.message_id!r} is no longer locked")
+
+    async def renew_lock(self, messages: Sequence[ReceivedMessage]) -> None:
+        """Extend the locks of the messages' sessions, which cover all their messages."""
+        if not messages:
+            return
+        now = self._clock()
+        async with self._pool.acquire() as conn:
+            renewed, wanted = await conn.fetchrow(
+                _RENEW, *_held(messages), now, now + self._lock_duration
+            )
+        if renewed != wanted:
+            raise MessageLockLostError(f"{wanted - renewed} session lock(s) already lost")
+
+    async def dead_letters(self, queue: str) -> list[DeadLetter]:
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(_DEAD_LETTERS, queue)
+        return [DeadLetter(**dict(row)) for row in rows]
+
+    # -- wake-ups -----------------------------------------------------------------
+
+    async def _wake_event(self, queue: str) -> asyncio.Event:
+        await self._ensure_listener()
+        return self._events.setdefault(queue, asyncio.Event())
+
+    async def _ensure_listener(self) -> None:
+        async with self._listener_lock:
+            if self._listener is not None or self._closed:
+                return
+            if self._lost_listener is not None:
+                lost, self._lost_listener = self._lost_listener, None
+                await self._drop_connection(lost)
+            if self._listen_dsn is not None:
+                conn = await asyncpg.connect(self._listen_dsn)
+            else:
+                conn = await self._pool.acquire()
+            await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
+            conn.add_termination_listener(self._on_listener_lost)
+            self._listener = conn
+
+    def _on_notify(self, _conn: Any, _pid: int, _channel: str, queue: str) -> None:
+        event = self._events.pop(queue, None)
+        if event is not None:
+            event.set()
+
+    def _on_listener_lost(self, _conn: Any) -> None:
+        # Notifications may have been missed: wake every waiter to look again; the
+        # next wait opens a new listener.
+        self._lost_listener, self._listener = self._listener, None
+        self._wake_all()
+
+    def _wake_all(self) -> None:
+        events, self._events = self._events, {}
+        for event in events.values():
+            event.set()
+
+    async def close(self) -> None:
+        """Stop listening and wake waiting receivers, which then return nothing."""
+        self._closed = True
+        self._wake_all()
+        async with self._listener_lock:
+            conn, self._listener = self._listener, None
+            lost, self._lost_listener = self._lost_listener, None
+            if lost is not None:
+                await self._drop_connection(lost)
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.remove_listener(NOTIFY_CHANNEL, self._on_notify)
+                await self._drop_connection(conn)
+
+    async def _drop_connection(self, conn: Any) -> None:
+        with contextlib.suppress(Exception):
+            if self._listen_dsn is not None:
+                await conn.close()
+            else:
+                await self._pool.release(conn)
+
+
+def _received(queue: str, row: Any, locked_until: datetime) -> ReceivedMessage:
+    return ReceivedMessage(
+        queue=queue,
+        message_id=row["message_id"],
+        session_id=row["session_id"],
+        body=bytes(row["body"]),
+        delivery_count=row["delivery_count"],
+        enqueued_at=row["enqueued_at"],
+        locked_until=locked_until,
+        lock_token=str(row["lock_token"]),
+        handle=row["seq"],
+    )

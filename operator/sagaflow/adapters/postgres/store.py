@@ -1,0 +1,475 @@
+"""Postgres state store: workflow versions, executions, history, inbox, outbox, timers.
+
+Postgres is the authoritative state. This module owns the SQL; the transition
+logic lives in `sagaflow.runtime.transitions`, which calls these methods inside
+one transaction so a state change, the commands it causes and the consumed
+messages commit together. Batches are written with array parameters (one
+statement per table per batch), because the database's commit and round-trip
+rates, not Python, bound the orchestrator's throughput.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from sagaflow.core.definition import Definition, compile_definition
+from sagaflow.core.engine import Decision, Timer
+from sagaflow.core.manifests import WorkflowSpec
+from sagaflow.core.ports import OutgoingMessage
+from sagaflow.core.state import ExecutionState
+
+EXECUTIONS_CHANNEL = "sagaflow_executions"
+TIMERS_CHANNEL = "sagaflow_timers"
+OUTBOX_CHANNEL = "sagaflow_outbox"
+
+_ATTEMPT_STATUS = {
+    "StepDispatched": "Running",
+    "StepSucceeded": "Succeeded",
+    "StepFailed": "Failed",
+    "StepRetrying": "Failed",
+}
+
+
+def spec_json(spec: WorkflowSpec) -> str:
+    return json.dumps(
+        spec.model_dump(mode="json", by_alias=True, exclude_none=True),
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class DueTimer:
+    execution_id: str
+    key: str
+    kind: str
+    step: str
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """One fact applied (or ignored) to one execution within a batch."""
+
+    execution_id: str
+    decision: Decision
+    message_id: str | None = None  # the consumed message, recorded in the inbox
+
+
+class PostgresStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+        self._definitions: dict[tuple[str, str, int], Definition] = {}
+
+    # -- workflow versions ---------------------------------------------------------
+    async def put_workflow(
+        self,
+        conn: asyncpg.Connection,
+        namespace: str,
+        name: str,
+        spec: WorkflowSpec,
+        now: datetime,
+    ) -> tuple[int, bool]:
+        """Store `spec` as a new version unless identical to a stored one; make it current.
+
+        Returns (version, created). Serialised per workflow by a row lock, so two
+        replicas applying the same change create one version.
+        """
+        body = spec_json(spec)
+        digest = hashlib.sha256(body.encode()).hexdigest()
+        async with conn.transaction():
+            await conn.execute(
+                "INSERT INTO sagaflow_workflows (namespace, name, current_version, updated_at) "
+                "VALUES ($1, $2, 0, $3) ON CONFLICT DO NOTHING",
+                namespace,
+                name,
+                now,
+            )
+            await conn.execute(
+                "SELECT 1 FROM sagaflow_workflows WHERE namespace=$1 AND name=$2 FOR UPDATE",
+                namespace,
+                name,
+            )
+            existing = await conn.fetchval(
+                "SELECT version FROM sagaflow_workflow_versions "
+                "WHERE namespace=$1 AND name=$2 AND spec_hash=$3",
+                namespace,
+                name,
+                digest,
+            )
+            created = existing is None
+            if created:
+                existing = await conn.fetchval(
+                    "INSERT INTO sagaflow_workflow_versions "
+                    "(namespace, name, version, spec, spec_hash, created_at) "
+                    "SELECT $1, $2, coalesce(max(version), 0) + 1, $3::jsonb, $4, $5 "
+                    "FROM sagaflow_workflow_versions WHERE namespace=$1 AND name=$2 "
+                    "RETURNING version",
+                    namespace,
+                    name,
+                    body,
+                    digest,
+                    now,
+                )
+            await conn.execute(
+                "UPDATE sagaflow_workflows SET current_version=$3, updated_at=$4 "
+                "WHERE namespace=$1 AND name=$2",
+                namespace,
+                name,
+                existing,
+                now,
+            )
+        return int(existing), created
+
+    async def current_version(
+        self, conn: asyncpg.Connection, namespace: str, name: str
+    ) -> int | None:
+        value = await conn.fetchval(
+            "SELECT current_version FROM sagaflow_workflows WHERE namespace=$1 AND name=$2",
+            namespace,
+            name,
+        )
+        return None if value is None else int(value)
+
+    async def definition(
+        self, conn: asyncpg.Connection, namespace: str, name: str, version: int
+    ) -> Definition:
+        """A compiled version; versions are immutable, so the cache never goes stale."""
+        key = (namespace, name, version)
+        cached = self._definitions.get(key)
+        if cached is None:
+            raw = await conn.fetchval(
+                "SELECT spec FROM sagaflow_workflow_versions "
+                "WHERE namespace=$1 AND name=$2 AND version=$3",
+                namespace,
+                name,
+                version,
+            )
+            if raw is None:
+                raise LookupError(f"workflow {namespace}/{name} v{version} is not stored")
+            spec = WorkflowSpec.model_validate(json.loads(raw))
+            cached = compile_definition(spec, name=name, version=version)
+            self._definitions[key] = cached
+        return cached
+
+    # -- executions ----------------------------------------------------------------
+    async def insert_execution(
+        self, conn: asyncpg.Connection, state: ExecutionState, now: datetime
+    ) -> bool:
+        """Insert a new execution row; False when (namespace, name) already exists."""
+        row = await conn.fetchval(
+            "INSERT INTO sagaflow_executions (execution_id, namespace, name, workflow, "
+            "workflow_version, phase, revision, state, created_at, updated_at) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9, $9) "
+            "ON CONFLICT (namespace, name) DO NOTHING RETURNING execution_id",
+            state.execution_id,
+            state.namespace,
+            state.name,
+            state.workflow,
+            state.version,
+            state.phase.value,
+            state.revision,
+            json.dumps(state.to_json()),
+            now,
+        )
+        return row is not None
+
+    async def lock_executions(
+        self, conn: asyncpg.Connection, ids: Iterable[str], *, skip_locked: bool = False
+    ) -> dict[str, ExecutionState]:
+        """Lock rows in id order (a fixed order avoids deadlocks between replicas)."""
+        skip = " SKIP LOCKED" if skip_locked else ""
+        rows = await conn.fetch(
+            "SELECT state FROM sagaflow_executions WHERE execution_id = ANY($1::text[]) "
+            f"ORDER BY execution_id FOR UPDATE{skip}",
+            sorted(set(ids)),
+        )
+        states = (ExecutionState.from_json(json.loads(r["state"])) for r in rows)
+        return {s.execution_id: s for s in states}
+
+    async def get_execution(
+        self, conn: asyncpg.Connection, namespace: str, name: str
+    ) -> ExecutionState | None:
+        raw = await conn.fetchval(
+            "SELECT state FROM sagaflow_executions WHERE namespace=$1 AND name=$2", namespace, name
+        )
+        return None if raw is None else ExecutionState.from_json(json.loads(raw))
+
+    async def list_executions(
+        self, conn: asyncpg.Connection, keys: Sequence[tuple[str, str]]
+    ) -> list[ExecutionState]:
+        rows = await conn.fetch(
+            "SELECT e.state FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS k(ns, n, i) "
+            "JOIN sagaflow_executions e ON e.namespace = k.ns AND e.name = k.n ORDER BY k.i",
+            [k[0] for k in keys],
+            [k[1] for k in keys],
+        )
+        return [ExecutionState.from_json(json.loads(r["state"])) for r in rows]
+
+    async def history(self, conn: asyncpg.Connection, execution_id: str) -> list[asyncpg.Record]:
+        return list(
+            await conn.fetch(
+                "SELECT at, kind, step, attempt, message, data FROM sagaflow_history "
+                "WHERE execution_id=$1 ORDER BY seq",
+                execution_id,
+            )
+        )
+
+    # -- inbox ---------------------------------------------------------------------
+    async def claim_inbox(
+        self, conn: asyncpg.Connection, messages: Sequence[tuple[str, str]], now: datetime
+    ) -> set[str]:
+        """Record (message_id, execution_id) pairs; return the ids seen for the first time."""
+        if not messages:
+            return set()
+        rows = await conn.fetch(
+            "INSERT INTO sagaflow_inbox (message_id, execution_id, received_at, outcome) "
+            "SELECT m, e, $3, 'applied' FROM unnest($1::text[], $2::text[]) AS t(m, e) "
+            "ON CONFLICT DO NOTHING RETURNING message_id",
+            [m for m, _ in messages],
+            [e for _, e in messages],
+            now,
+        )
+        return {r["message_id"] for r in rows}
+
+    # -- timers --------------------------------------------------------------------
+    async def due_timer_executions(
+        self, conn: asyncpg.Connection, now: datetime, limit: int
+    ) -> list[str]:
+        rows = await conn.fetch(
+            "SELECT DISTINCT execution_id FROM (SELECT execution_id FROM sagaflow_timers "
+            "WHERE due_at <= $1 ORDER BY due_at LIMIT $2) t",
+            now,
+            limit,
+        )
+        return [r["execution_id"] for r in rows]
+
+    async def take_due_timers(
+        self, conn: asyncpg.Connection, ids: Sequence[str], now: datetime
+    ) -> list[DueTimer]:
+        """Delete and return due timers of executions whose rows the caller has locked."""
+        rows = await conn.fetch(
+            "DELETE FROM sagaflow_timers WHERE execution_id = ANY($1::text[]) AND due_at <= $2 "
+            "RETURNING execution_id, key, kind, step, attempt, due_at",
+            list(ids),
+            now,
+        )
+        ordered = sorted(rows, key=lambda r: (r["due_at"], r["key"]))
+        return [
+            DueTimer(r["execution_id"], r["key"], r["kind"], r["step"], r["attempt"])
+            for r in ordered
+        ]
+
+    async def next_timer_due(self, conn: asyncpg.Connection) -> datetime | None:
+        value: datetime | None = await conn.fetchval("SELECT min(due_at) FROM sagaflow_timers")
+        return value
+
+    # -- outbox --------------------------------------------------------------------
+    async def add_outbox(
+        self, conn: asyncpg.Connection, messages: Sequence[OutgoingMessage], now: datetime
+    ) -> None:
+        await conn.execute(
+            "INSERT INTO sagaflow_outbox (queue, message_id, session_id, body, scheduled_at, "
+            "created_at) SELECT q, m, s, b, sch, $6 FROM unnest($1::text[], $2::text[], "
+            "$3::text[], $4::bytea[], $5::timestamptz[]) AS t(q, m, s, b, sch)",
+            [m.queue for m in messages],
+            [m.message_id for m in messages],
+            [m.session_id for m in messages],
+            [m.body for m in messages],
+            [m.scheduled_at for m in messages],
+            now,
+        )
+        await conn.execute("SELECT pg_notify($1, '')", OUTBOX_CHANNEL)
+
+    async def take_outbox(
+        self, conn: asyncpg.Connection, limit: int
+    ) -> tuple[list[int], list[OutgoingMessage]]:
+        rows = await conn.fetch(
+            "SELECT seq, queue, message_id, session_id, body, scheduled_at FROM sagaflow_outbox "
+            "ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED",
+            limit,
+        )
+        return [r["seq"] for r in rows], [
+            OutgoingMessage(
+                r["queue"], r["message_id"], r["session_id"], bytes(r["body"]), r["scheduled_at"]
+            )
+            for r in rows
+        ]
+
+    async def delete_outbox(self, conn: asyncpg.Connection, seqs: Sequence[int]) -> None:
+        await conn.execute("DELETE FROM sagaflow_outbox WHERE seq = ANY($1::bigint[])", list(seqs))
+
+    # -- the write side of a transition batch ----------------------------------------
+    async def save(
+        self, conn: asyncpg.Connection, applied: Sequence[Applied], now: datetime
+    ) -> None:
+        """Persist a batch of decisions: states, history, attempts, timers, inbox outcomes."""
+        finals: dict[str, ExecutionState] = {}
+        history: list[tuple[str, str, str | None, int | None, str, str | None]] = []
+        attempts: dict[tuple[str, str, int], list[Any]] = {}
+        timers: dict[tuple[str, str], Timer | None] = {}
+        outcomes: list[tuple[str, str]] = []
+        for item in applied:
+            d = item.decision
+            eid = item.execution_id
+            if not d.applied:
+                if item.message_id is not None:
+                    outcomes.append((item.message_id, f"ignored: {d.ignored}"))
+                history.append(
+                    (
+                        eid,
+                        "MessageIgnored",
+                        None,
+                        None,
+                        f"message {item.message_id} ignored: {d.ignored}",
+                        None,
+                    )
+                )
+                continue
+            finals[eid] = d.state
+            for key in d.cancel_timers:
+                timers[(eid, key)] = None
+            for t in d.timers:
+                timers[(eid, t.key)] = t
+            for r in d.records:
+                history.append(
+                    (
+                        eid,
+                        r.kind,
+                        r.step,
+                        r.attempt,
+                        r.message,
+                        json.dumps(r.data) if r.data else None,
+                    )
+                )
+                self._attempt_row(attempts, eid, d.state, r.kind, r.step, r.attempt, now)
+        await self._write_states(conn, finals, now)
+        await self._write_history(conn, history, now)
+        await self._write_attempts(conn, attempts)
+        await self._write_timers(conn, timers)
+        await self._write_outcomes(conn, outcomes)
+        if finals:
+            await conn.execute("SELECT pg_notify($1, '')", EXECUTIONS_CHANNEL)
+
+    @staticmethod
+    def _attempt_row(
+        rows: dict[tuple[str, str, int], list[Any]],
+        eid: str,
+        state: ExecutionState,
+        kind: str,
+        step: str | None,
+        attempt: int | None,
+        now: datetime,
+    ) -> None:
+        status = _ATTEMPT_STATUS.get(kind)
+        if status is None or step is None or attempt is None:
+            return
+        key = (eid, step, attempt)
+        row = rows.setdefault(key, [eid, step, attempt, status, now, None, None, None])
+        row[3] = status
+        if status != "Running":
+            error = state.steps[step].error
+            row[5] = now
+            row[6] = error.type if error and status == "Failed" else None
+            row[7] = error.message if error and status == "Failed" else None
+
+    async def _write_states(
+        self, conn: asyncpg.Connection, finals: dict[str, ExecutionState], now: datetime
+    ) -> None:
+        if not finals:
+            return
+        states = list(finals.values())
+        await conn.execute(
+            "UPDATE sagaflow_executions e SET state = t.s::jsonb, phase = t.p, revision = t.r, "
+            "updated_at = $5 FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[]) "
+            "AS t(i, s, p, r) WHERE e.execution_id = t.i",
+            [s.execution_id for s in states],
+            [json.dumps(s.to_json()) for s in states],
+            [s.phase.value for s in states],
+            [s.revision for s in states],
+            now,
+        )
+
+    @staticmethod
+    async def _write_history(
+        conn: asyncpg.Connection, rows: list[tuple[Any, ...]], now: datetime
+    ) -> None:
+        if not rows:
+            return
+        cols = list(zip(*rows, strict=True))
+        await conn.execute(
+            "INSERT INTO sagaflow_history (execution_id, at, kind, step, attempt, message, data) "
+            "SELECT i, $7, k, s, a, m, d::jsonb FROM unnest($1::text[], $2::text[], $3::text[], "
+            "$4::int[], $5::text[], $6::text[]) WITH ORDINALITY AS t(i, k, s, a, m, d, o) "
+            "ORDER BY o",
+            *[list(c) for c in cols],
+            now,
+        )
+
+    @staticmethod
+    async def _write_attempts(
+        conn: asyncpg.Connection, rows: dict[tuple[str, str, int], list[Any]]
+    ) -> None:
+        if not rows:
+            return
+        cols = list(zip(*rows.values(), strict=True))
+        await conn.execute(
+            "INSERT INTO sagaflow_step_attempts (execution_id, step, attempt, status, "
+            "dispatched_at, finished_at, error_type, error_message) "
+            "SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], "
+            "$5::timestamptz[], $6::timestamptz[], $7::text[], $8::text[]) "
+            "ON CONFLICT (execution_id, step, attempt) DO UPDATE SET status = excluded.status, "
+            "finished_at = excluded.finished_at, error_type = excluded.error_type, "
+            "error_message = excluded.error_message",
+            *[list(c) for c in cols],
+        )
+
+    @staticmethod
+    async def _write_timers(
+        conn: asyncpg.Connection, timers: dict[tuple[str, str], Timer | None]
+    ) -> None:
+        dropped = [k for k, t in timers.items() if t is None]
+        kept = [(k[0], t) for k, t in timers.items() if t is not None]
+        if dropped:
+            await conn.execute(
+                "DELETE FROM sagaflow_timers t USING unnest($1::text[], $2::text[]) AS d(i, k) "
+                "WHERE t.execution_id = d.i AND t.key = d.k",
+                [k[0] for k in dropped],
+                [k[1] for k in dropped],
+            )
+        if kept:
+            await conn.execute(
+                "INSERT INTO sagaflow_timers (execution_id, key, kind, step, attempt, due_at) "
+                "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], "
+                "$5::int[], $6::timestamptz[]) ON CONFLICT (execution_id, key) "
+                "DO UPDATE SET due_at = excluded.due_at",
+                [e for e, _ in kept],
+                [t.key for _, t in kept],
+                [t.kind for _, t in kept],
+                [t.step for _, t in kept],
+                [t.attempt for _, t in kept],
+                [t.due_at for _, t in kept],
+            )
+            await conn.execute("SELECT pg_notify($1, '')", TIMERS_CHANNEL)
+
+    @staticmethod
+    async def _write_outcomes(conn: asyncpg.Connection, outcomes: list[tuple[str, str]]) -> None:
+        if outcomes:
+            await conn.execute(
+                "UPDATE sagaflow_inbox i SET outcome = t.o FROM unnest($1::text[], $2::text[]) "
+                "AS t(m, o) WHERE i.message_id = t.m",
+                [m for m, _ in outcomes],
+                [o for _, o in outcomes],
+            )
+
+
+def new_execution_id() -> str:
+    return str(uuid.uuid4())

@@ -1,0 +1,91 @@
+"""The `sagaflow` command: `run` (local mode) and `runner` (a step runner process).
+
+Exit codes: 0 all executions completed, 1 some did not, 2 invalid input or
+configuration (nothing was started).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from sagaflow.settings import SettingsError, load_settings
+
+DEFAULT_STATE_DIR = Path(".sagaflow")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sagaflow", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run Workflows and Executions from files, no cluster")
+    run.add_argument(
+        "-f",
+        "--filename",
+        dest="files",
+        action="append",
+        type=Path,
+        required=True,
+        help="manifest file or folder (repeatable)",
+    )
+    run.add_argument(
+        "--runners",
+        action="append",
+        default=[],
+        metavar="MODULE_OR_FILE",
+        help="module or .py file whose @step handlers run in-process (repeatable)",
+    )
+    run.add_argument(
+        "--state-dir",
+        type=Path,
+        default=DEFAULT_STATE_DIR,
+        help="where the embedded Postgres keeps its data (default: .sagaflow)",
+    )
+    run.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
+
+    runner = sub.add_parser("runner", help="run step handlers against the bus")
+    runner.add_argument(
+        "--module",
+        dest="modules",
+        action="append",
+        required=True,
+        metavar="MODULE_OR_FILE",
+        help="module or .py file with @step handlers",
+    )
+    runner.add_argument(
+        "--state-dir",
+        type=Path,
+        default=DEFAULT_STATE_DIR,
+        help="attach to the embedded Postgres of this state dir "
+        "(ignored when SAGAFLOW_DATABASE_URL is set)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.command == "run":
+        from sagaflow.local.run import run_local
+
+        return asyncio.run(
+            run_local(args.files, args.runners, args.state_dir, args.output, settings)
+        )
+    from sagaflow.local.runner import run_runner
+
+    return asyncio.run(run_runner(args.modules, args.state_dir, settings))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

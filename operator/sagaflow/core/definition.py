@@ -1,0 +1,126 @@
+"""Compiled workflow definitions: what the engine reads on every transition.
+
+A `WorkflowSpec` (manifest) is compiled once per stored version into frozen
+dataclasses with durations in seconds, dependents precomputed and steps in
+topological order, so the hot path never parses strings or walks the manifest.
+Compilation assumes the spec passed `sagaflow.core.validation`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sagaflow.core.durations import parse_duration
+from sagaflow.core.manifests import RetryPolicy, WorkflowSpec
+
+PASS = "sagaflow.pass"  # noqa: S105 - a step type, not a secret
+WAIT = "sagaflow.wait"
+FAIL = "sagaflow.fail"
+BUILTIN_TYPES = frozenset({PASS, WAIT, FAIL})
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    max_attempts: int
+    initial_interval: float
+    backoff_coefficient: float
+    max_interval: float
+    non_retryable_errors: frozenset[str]
+
+    @classmethod
+    def from_policy(cls, policy: RetryPolicy) -> Retry:
+        return cls(
+            max_attempts=policy.max_attempts,
+            initial_interval=parse_duration(policy.initial_interval),
+            backoff_coefficient=policy.backoff_coefficient,
+            max_interval=parse_duration(policy.max_interval),
+            non_retryable_errors=frozenset(policy.non_retryable_errors),
+        )
+
+    def delay_after(self, attempt: int) -> float:
+        """Backoff before the attempt that follows failed attempt `attempt` (1-based)."""
+        try:
+            raw = self.initial_interval * self.backoff_coefficient ** (attempt - 1)
+        except OverflowError:  # far past the cap; floats raise here instead of giving inf
+            return self.max_interval
+        return min(raw, self.max_interval)
+
+
+@dataclass(frozen=True, slots=True)
+class StepDef:
+    name: str
+    type: str
+    input: Any
+    depends_on: tuple[str, ...]
+    dependents: tuple[str, ...]
+    retry: Retry
+    timeout: float | None
+    heartbeat_timeout: float | None
+
+    @property
+    def is_builtin(self) -> bool:
+        return self.type in BUILTIN_TYPES
+
+
+@dataclass(frozen=True, slots=True)
+class Definition:
+    name: str
+    version: int
+    steps: tuple[StepDef, ...]  # topological order
+    timeout: float | None
+    output: Any
+    by_name: dict[str, StepDef] = field(compare=False, repr=False)
+
+    def step(self, name: str) -> StepDef:
+        return self.by_name[name]
+
+    @property
+    def sinks(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.steps if not s.dependents)
+
+
+def compile_definition(spec: WorkflowSpec, *, name: str, version: int) -> Definition:
+    default_retry = spec.retry or RetryPolicy()
+    dependents: dict[str, list[str]] = {s.name: [] for s in spec.steps}
+    for s in spec.steps:
+        for dep in s.depends_on:
+            dependents[dep].append(s.name)
+    steps = {
+        s.name: StepDef(
+            name=s.name,
+            type=s.type,
+            input=s.input if s.input is not None else {},
+            depends_on=tuple(s.depends_on),
+            dependents=tuple(dependents[s.name]),
+            retry=Retry.from_policy(s.retry or default_retry),
+            timeout=parse_duration(s.timeout) if s.timeout else None,
+            heartbeat_timeout=parse_duration(s.heartbeat_timeout) if s.heartbeat_timeout else None,
+        )
+        for s in spec.steps
+    }
+    ordered = _topological(steps)
+    return Definition(
+        name=name,
+        version=version,
+        steps=ordered,
+        timeout=parse_duration(spec.timeout) if spec.timeout else None,
+        output=spec.output,
+        by_name={s.name: s for s in ordered},
+    )
+
+
+def _topological(steps: dict[str, StepDef]) -> tuple[StepDef, ...]:
+    """Kahn's order, ties kept in manifest order so dispatch order is stable."""
+    remaining = {name: set(s.depends_on) for name, s in steps.items()}
+    ordered: list[StepDef] = []
+    while remaining:
+        ready = [n for n, deps in remaining.items() if not deps]
+        if not ready:
+            raise ValueError(f"cycle among steps {sorted(remaining)}")
+        for n in ready:
+            ordered.append(steps[n])
+            del remaining[n]
+        for deps in remaining.values():
+            deps.difference_update(ready)
+    return tuple(ordered)

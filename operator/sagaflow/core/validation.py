@@ -1,0 +1,455 @@
+"""Loading and validating manifests: YAML text in, models and every problem out.
+
+This module owns the rules a manifest must satisfy beyond its field types: the
+envelope (`apiVersion`, `kind`), cross-field rules of a Workflow (unique step
+names, known dependencies, no cycles, valid templates that only read upstream
+outputs, known step types, literal inputs of the built-in steps) and rules
+across documents (unique names, Executions naming a known Workflow).
+
+It is pure so that local mode, the CLI and the operator's admission path report
+the same problems the same way. It never raises for bad input and never stops
+at the first problem: people fix manifests faster when they see everything at
+once, each problem with the field path as written in YAML (camelCase).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from sagaflow.core import expressions
+from sagaflow.core.definition import BUILTIN_TYPES
+from sagaflow.core.durations import parse_duration
+from sagaflow.core.manifests import (
+    API_VERSION,
+    NAME_PATTERN,
+    STEP_NAME_PATTERN,
+    STEP_TYPE_PATTERN,
+    Execution,
+    StepSpec,
+    Workflow,
+)
+
+KINDS = ("Workflow", "Execution")
+_MODELS: dict[str, type[Workflow] | type[Execution]] = {
+    "Workflow": Workflow,
+    "Execution": Execution,
+}
+# Pydantic reports regex mismatches by quoting the regex; people need the rule.
+_PATTERN_RULES = {
+    NAME_PATTERN: "must be a DNS label: lowercase letters, digits and '-', "
+    "starting and ending with a letter or digit",
+    STEP_NAME_PATTERN: "must start with a letter and hold only letters, digits, '_' and '-' "
+    "(at most 63 characters)",
+    STEP_TYPE_PATTERN: "must be a dotted name such as 'payments.charge' (segments of letters, "
+    "digits, '_' and '-', each starting with a letter)",
+}
+# Pydantic speaks Python; manifests are YAML, where tuples are lists and dicts mappings.
+_YAML_WORDS = (
+    ("a valid tuple", "a list"),
+    ("Tuple should", "List should"),
+    (" after validation", ""),
+    ("a valid dictionary", "a mapping"),
+)
+_MODEL_INSTANCE = re.compile(r" or instance of \w+")
+
+
+@dataclass(frozen=True)
+class ManifestError:
+    """One problem in one document, located by file, document and field path."""
+
+    source: str
+    document: int
+    kind: str | None
+    name: str | None
+    path: str
+    reason: str
+
+    def __str__(self) -> str:
+        label = " ".join(part for part in (self.kind, self.name) if part)
+        head = f"{self.source}: document {self.document}"
+        if label:
+            head += f" ({label})"
+        return f"{head}: {self.path}: {self.reason}" if self.path else f"{head}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class Document:
+    """One YAML document that parsed to a mapping; `index` is 1-based within `source`."""
+
+    source: str
+    index: int
+    body: dict[str, Any]
+
+
+@dataclass
+class ValidationResult:
+    """Valid models (documents without any error) and all problems found."""
+
+    workflows: list[tuple[Document, Workflow]] = field(default_factory=list)
+    executions: list[tuple[Document, Execution]] = field(default_factory=list)
+    errors: list[ManifestError] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+# -------------------------------------------------------------------- parsing
+
+
+def parse_documents(text: str, source: str) -> tuple[list[Document], list[ManifestError]]:
+    """Split multi-document YAML into mapping documents; empty documents are skipped.
+
+    PyYAML cannot resume after a syntax error, so documents before it are kept
+    and the error names the line and column where parsing stopped.
+    """
+    documents: list[Document] = []
+    errors: list[ManifestError] = []
+    index = 0
+    try:
+        for body in yaml.safe_load_all(text):
+            index += 1
+            if body is None:
+                continue
+            if isinstance(body, dict):
+                documents.append(Document(source, index, body))
+            else:
+                reason = (
+                    "a manifest must be a mapping with apiVersion, kind, metadata and spec, "
+                    f"got {_describe(body)}"
+                )
+                errors.append(ManifestError(source, index, None, None, "", reason))
+    except yaml.YAMLError as error:
+        errors.append(ManifestError(source, index + 1, None, None, "", _yaml_reason(error)))
+    return documents, errors
+
+
+def _yaml_reason(error: yaml.YAMLError) -> str:
+    if isinstance(error, yaml.MarkedYAMLError) and error.problem_mark is not None:
+        mark = error.problem_mark
+        problem = error.problem or "syntax error"
+        if error.context:
+            # The context mark says where the unfinished construct began.
+            start = error.context_mark
+            where = f" started at line {start.line + 1}" if start is not None else ""
+            problem = f"{error.context}{where}, {problem}"
+        return f"invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    return "invalid YAML: " + " ".join(str(error).split())
+
+
+def _describe(value: Any) -> str:
+    names = {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean"}
+    if value is None:
+        return "null"
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return f"a number ({value!r})"
+    return names.get(type(value), type(value).__name__)
+
+
+# ---------------------------------------------------------- workflow rules
+
+
+def validate_workflow(
+    workflow: Workflow, is_known_type: Callable[[str], bool] | None = None
+) -> list[tuple[str, str]]:
+    """Return (field path, reason) for every cross-field problem of a Workflow."""
+    steps = workflow.spec.steps
+    first_index: dict[str, int] = {}
+    problems: list[tuple[str, str]] = []
+    for i, step in enumerate(steps):
+        if step.name in first_index:
+            first = f"spec.steps[{first_index[step.name]}]"
+            reason = f"duplicate step name '{step.name}' (first used by {first})"
+            problems.append((f"spec.steps[{i}].name", reason))
+        else:
+            first_index[step.name] = i
+    problems += _dependency_problems(steps, first_index)
+    problems += _cycle_problems(steps, first_index)
+    upstream = _upstream(steps, first_index)
+    for i, step in enumerate(steps):
+        base = f"spec.steps[{i}]"
+        problems += _template_problems(step.input, f"{base}.input")
+        problems += _reference_problems(step, f"{base}.input", first_index, upstream[step.name])
+        problems += _type_problems(step, base, is_known_type)
+    problems += _template_problems(workflow.spec.output, "spec.output")
+    for at, names in expressions.template_references(workflow.spec.output, "spec.output"):
+        problems += [(at, f"unknown step '{n}'") for n in sorted(names) if n not in first_index]
+    return problems
+
+
+def _template_problems(value: Any, path: str) -> list[tuple[str, str]]:
+    return [(error.path, error.reason) for error in expressions.check_templates(value, path)]
+
+
+def _dependency_problems(
+    steps: Sequence[StepSpec], first_index: dict[str, int]
+) -> list[tuple[str, str]]:
+    problems = []
+    for i, step in enumerate(steps):
+        for j, dependency in enumerate(step.depends_on):
+            at = f"spec.steps[{i}].dependsOn[{j}]"
+            if dependency == step.name:
+                problems.append((at, f"step '{step.name}' cannot depend on itself"))
+            elif dependency not in first_index:
+                problems.append((at, f"unknown step '{dependency}'"))
+    return problems
+
+
+def _edges(steps: Sequence[StepSpec], first_index: dict[str, int]) -> dict[str, list[str]]:
+    """Step -> known dependencies; the first step of a duplicated name stands for it."""
+    return {
+        name: [d for d in steps[i].depends_on if d in first_index and d != name]
+        for name, i in first_index.items()
+    }
+
+
+def _cycle_problems(
+    steps: Sequence[StepSpec], first_index: dict[str, int]
+) -> list[tuple[str, str]]:
+    """Report each dependsOn entry that closes a cycle, naming the steps around it.
+
+    Iterative depth-first search: workflows may hold 500 steps, deeper than is
+    comfortable for Python recursion.
+    """
+    graph = _edges(steps, first_index)
+    done: set[str] = set()
+    problems = []
+    for root in graph:
+        stack = [] if root in done else [(root, enumerate(steps[first_index[root]].depends_on))]
+        while stack:
+            node, pending = stack[-1]
+            j, dependency = next(pending, (-1, ""))
+            if j < 0:
+                done.add(node)
+                stack.pop()
+            elif dependency in graph[node] and dependency not in done:
+                path = [name for name, _ in stack]
+                if dependency in path:
+                    cycle = " -> ".join([*path[path.index(dependency) :], dependency])
+                    at = f"spec.steps[{first_index[node]}].dependsOn[{j}]"
+                    problems.append((at, f"dependency cycle: {cycle}"))
+                else:
+                    deps = steps[first_index[dependency]].depends_on
+                    stack.append((dependency, enumerate(deps)))
+    return problems
+
+
+def _upstream(steps: Sequence[StepSpec], first_index: dict[str, int]) -> dict[str, set[str]]:
+    """Every step's transitive dependencies; the seen set makes cycles harmless."""
+    graph = _edges(steps, first_index)
+    result: dict[str, set[str]] = {}
+    for name in graph:
+        seen: set[str] = set()
+        frontier = list(graph[name])
+        while frontier:
+            current = frontier.pop()
+            if current not in seen:
+                seen.add(current)
+                frontier += graph[current]
+        result[name] = seen
+    return result
+
+
+def _reference_problems(
+    step: StepSpec, path: str, first_index: dict[str, int], upstream: set[str]
+) -> list[tuple[str, str]]:
+    problems = []
+    for at, names in expressions.template_references(step.input, path):
+        for name in sorted(names):
+            if name == step.name:
+                problems.append((at, f"step '{name}' cannot read its own output"))
+            elif name not in first_index:
+                problems.append((at, f"unknown step '{name}'"))
+            elif name not in upstream:
+                reason = f"step '{name}' is not upstream of '{step.name}'; add it to dependsOn"
+                problems.append((at, reason))
+    return problems
+
+
+def _type_problems(
+    step: StepSpec, base: str, is_known_type: Callable[[str], bool] | None
+) -> list[tuple[str, str]]:
+    if step.type == "sagaflow.wait":
+        return _wait_problems(step.input, f"{base}.input")
+    if step.type == "sagaflow.fail":
+        return _fail_problems(step.input, f"{base}.input")
+    if step.type in BUILTIN_TYPES or is_known_type is None or is_known_type(step.type):
+        return []
+    reason = f"no runner registered for step type '{step.type}' and it is not built in"
+    return [(f"{base}.type", reason)]
+
+
+def _wait_problems(step_input: dict[str, Any] | None, path: str) -> list[tuple[str, str]]:
+    at = f"{path}.duration"
+    if not step_input or "duration" not in step_input:
+        return [(at, "sagaflow.wait needs a duration, e.g. 30s")]
+    duration = step_input["duration"]
+    if not isinstance(duration, str):
+        return [(at, f"must be a duration string such as 30s, got {_describe(duration)}")]
+    if expressions.OPEN in duration:
+        return []  # a template: its value is only known when the step runs
+    try:
+        parse_duration(duration)
+    except ValueError as error:
+        return [(at, str(error))]
+    return []
+
+
+def _fail_problems(step_input: dict[str, Any] | None, path: str) -> list[tuple[str, str]]:
+    return [
+        (f"{path}.{key}", f"must be a string, got {_describe(step_input[key])}")
+        for key in ("type", "message")
+        if step_input and key in step_input and not isinstance(step_input[key], str)
+    ]
+
+
+# ------------------------------------------------------------------ documents
+
+
+@dataclass
+class _Checked:
+    """Per-document working state while validating a batch."""
+
+    document: Document
+    kind: str | None
+    name: str | None
+    namespace: str
+    model: Workflow | Execution | None = None
+    problems: list[tuple[str, str]] = field(default_factory=list)
+
+
+def validate_documents(
+    documents: Sequence[Document],
+    is_known_type: Callable[[str], bool] | None = None,
+    existing_workflows: Collection[tuple[str, str]] = (),
+) -> ValidationResult:
+    """Validate every document and the rules across them; collect all problems.
+
+    `existing_workflows` holds (namespace, name) of Workflows already known to
+    the caller (e.g. stored earlier), which Executions may reference.
+    """
+    checked = [_check_document(document, is_known_type) for document in documents]
+    _duplicate_problems(checked)
+    _workflow_ref_problems(checked, existing_workflows)
+    result = ValidationResult()
+    for item in checked:
+        doc = item.document
+        result.errors += [
+            ManifestError(doc.source, doc.index, item.kind, item.name, at, reason)
+            for at, reason in item.problems
+        ]
+        if item.problems:
+            continue
+        if isinstance(item.model, Workflow):
+            result.workflows.append((doc, item.model))
+        elif isinstance(item.model, Execution):
+            result.executions.append((doc, item.model))
+    return result
+
+
+def _check_document(document: Document, is_known_type: Callable[[str], bool] | None) -> _Checked:
+    body = document.body
+    kind, api_version = body.get("kind"), body.get("apiVersion")
+    metadata = body.get("metadata")
+    metadata = metadata if isinstance(metadata, dict) else {}
+    name, namespace = metadata.get("name"), metadata.get("namespace")
+    item = _Checked(
+        document,
+        kind if isinstance(kind, str) else None,
+        name if isinstance(name, str) else None,
+        namespace if isinstance(namespace, str) and namespace else "default",
+    )
+    if api_version != API_VERSION:
+        item.problems.append(
+            ("apiVersion", f"unsupported apiVersion {api_version!r}; accepted: {API_VERSION}")
+        )
+    if not isinstance(kind, str) or kind not in _MODELS:
+        item.problems.append(("kind", f"unsupported kind {kind!r}; accepted: {', '.join(KINDS)}"))
+        return item
+    try:
+        # by_name=False: snake_case keys such as `depends_on` are unknown fields, as a
+        # Kubernetes API server would treat them, although the models accept them
+        # from Python code.
+        item.model = _MODELS[kind].model_validate(body, by_alias=True, by_name=False)
+    except ValidationError as error:
+        # The envelope problem was reported above in plainer words.
+        item.problems += [p for p in _pydantic_problems(error) if p[0] != "apiVersion"]
+        return item
+    if isinstance(item.model, Workflow):
+        item.problems += validate_workflow(item.model, is_known_type)
+    return item
+
+
+def _pydantic_problems(error: ValidationError) -> list[tuple[str, str]]:
+    details = error.errors(include_url=False)
+    locations = [detail["loc"] for detail in details]
+    problems = []
+    for detail in details:
+        loc = detail["loc"]
+        # A list whose items all failed also reports "too short"; the item errors
+        # say what is wrong, the length complaint only misleads.
+        if detail["type"] == "too_short" and any(
+            len(other) > len(loc) and other[: len(loc)] == loc for other in locations
+        ):
+            continue
+        path = functools.reduce(expressions.child_path, loc, "")
+        problems.append((path, _pydantic_reason(detail)))
+    return problems
+
+
+def _pydantic_reason(detail: Any) -> str:
+    kind, message, value = detail["type"], detail["msg"], detail.get("input")
+    context = detail.get("ctx") or {}
+    if kind == "extra_forbidden":
+        return "unknown field"
+    if kind == "missing":
+        return "required field is missing"
+    if kind == "value_error" and "error" in context:
+        return str(context["error"])
+    if kind == "string_pattern_mismatch":
+        message = _PATTERN_RULES.get(context.get("pattern", ""), message)
+    for python, yaml_words in _YAML_WORDS:
+        message = message.replace(python, yaml_words)
+    message = _MODEL_INSTANCE.sub("", message)
+    if isinstance(value, str | int | float | bool) or value is None:
+        shown = repr(value)
+        message += f", got {shown if len(shown) <= 60 else shown[:57] + '...'}"
+    return str(message)
+
+
+def _duplicate_problems(checked: list[_Checked]) -> None:
+    first: dict[tuple[str, str, str], Document] = {}
+    for item in checked:
+        if item.kind not in _MODELS or item.name is None:
+            continue
+        key = (item.kind, item.namespace, item.name)
+        if key in first:
+            seen, resource = first[key], f"{item.kind} '{item.namespace}/{item.name}'"
+            where = f"first defined in {seen.source} document {seen.index}"
+            item.problems.append(("metadata.name", f"duplicate {resource}; {where}"))
+        else:
+            first[key] = item.document
+
+
+def _workflow_ref_problems(
+    checked: list[_Checked], existing_workflows: Collection[tuple[str, str]]
+) -> None:
+    # Workflows count as defined even when invalid, so an Execution is not blamed
+    # for a problem already reported on its Workflow.
+    known = set(existing_workflows) | {
+        (item.namespace, item.name) for item in checked if item.kind == "Workflow" and item.name
+    }
+    for item in checked:
+        if not isinstance(item.model, Execution):
+            continue
+        ref = item.model.spec.workflow_ref.name
+        if (item.namespace, ref) not in known:
+            reason = f"unknown Workflow '{ref}' in namespace '{item.namespace}'"
+            item.problems.append(("spec.workflowRef.name", reason))

@@ -1,0 +1,1 @@
+"""Local mode: run workflows from files on one machine, no cluster needed."""

@@ -1,0 +1,51 @@
+"""`sagaflow runner`: a step runner process serving the handlers of the given modules.
+
+It attaches to the same database as the orchestrator (SAGAFLOW_DATABASE_URL, or
+the embedded Postgres of a state dir) because the embedded bus lives there. It
+stops cleanly on SIGINT / SIGTERM: running handlers get a grace period, the rest
+are abandoned for redelivery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from sagaflow.adapters.postgres.bus import PostgresBus
+from sagaflow.local.database import open_database
+from sagaflow.local.inputs import InvalidInputError
+from sagaflow.local.run import EXIT_INVALID, load_runners
+from sagaflow.runtime.worker import RunnerWorker
+from sagaflow.settings import Settings
+
+
+async def run_runner(modules: Sequence[str], state_dir: Path, settings: Settings) -> int:
+    try:
+        registry = load_runners(modules)
+    except InvalidInputError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return EXIT_INVALID
+    if not len(registry):
+        print(
+            f"error: --module {', '.join(modules)}: no @step handlers registered", file=sys.stderr
+        )
+        return EXIT_INVALID
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with open_database(settings, state_dir) as db:
+        bus = PostgresBus(
+            db.pool,
+            lock_duration=settings.lock_duration_seconds,
+            max_delivery_count=settings.max_delivery_count,
+        )
+        try:
+            await RunnerWorker(bus, registry, concurrency=settings.runner_concurrency).run(stop)
+        finally:
+            await bus.close()
+    return 0

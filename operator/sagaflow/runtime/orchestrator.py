@@ -1,0 +1,348 @@
+"""The orchestrator's loops: consume result events, fire durable timers, relay the outbox.
+
+Each loop turns what it receives into facts, runs the pure engine, and commits
+the new states, history, timers, inbox records and the commands they cause in
+ONE transaction. When the bus lives in the same database (`TransactionalBus`)
+commands are written straight to its queue and consumed events are settled in
+that transaction too; otherwise commands go to the outbox and the relay sends
+them after commit (at-least-once; message ids are deterministic, so the runner
+and the bus can drop duplicates).
+
+Several events are folded into one transaction whenever they are waiting: the
+database's commit rate, not Python, is what bounds throughput.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from sagaflow.adapters.postgres.notify import Notifications
+from sagaflow.adapters.postgres.store import (
+    OUTBOX_CHANNEL,
+    TIMERS_CHANNEL,
+    Applied,
+    PostgresStore,
+    new_execution_id,
+)
+from sagaflow.core.engine import Decision, decide
+from sagaflow.core.facts import (
+    Cancel,
+    Fact,
+    Start,
+    StepCompleted,
+    StepFailed,
+    StepHeartbeat,
+    TimerFired,
+)
+from sagaflow.core.manifests import WorkflowSpec
+from sagaflow.core.messages import (
+    EVENTS_QUEUE,
+    ExecuteStep,
+    MalformedMessageError,
+    StepResult,
+    attempt_id,
+    commands_queue,
+    decode_result,
+)
+from sagaflow.core.ports import (
+    Bus,
+    Clock,
+    OutgoingMessage,
+    ReceivedMessage,
+    TransactionalBus,
+    utc_now,
+)
+from sagaflow.core.state import ExecutionState, new_execution
+
+log = logging.getLogger("sagaflow.orchestrator")
+
+
+def result_fact(result: StepResult) -> Fact:
+    if result.kind == "StepCompleted":
+        return StepCompleted(result.step, result.attempt, result.output or {})
+    if result.kind == "StepFailed":
+        return StepFailed(
+            result.step,
+            result.attempt,
+            result.error_type or "Error",
+            result.error_message or "",
+            result.retryable,
+        )
+    return StepHeartbeat(result.step, result.attempt)
+
+
+def command_messages(state: ExecutionState, decision: Decision) -> list[OutgoingMessage]:
+    """Commands for the steps a decision dispatched.
+
+    The session is the step (`<execution>/<step>`), not the whole execution: a
+    step's attempts stay in order while parallel branches of one execution run on
+    different runners at once.
+    """
+    messages = []
+    for d in decision.dispatches:
+        command = ExecuteStep(
+            execution_id=state.execution_id,
+            execution=state.key,
+            step=d.step,
+            attempt=d.attempt,
+            type=d.type,
+            input=d.input,
+            deadline=d.deadline.isoformat() if d.deadline else None,
+            heartbeat_timeout=d.heartbeat_timeout,
+        )
+        messages.append(
+            OutgoingMessage(
+                queue=commands_queue(d.type),
+                message_id=attempt_id(state.execution_id, d.step, d.attempt),
+                session_id=f"{state.execution_id}/{d.step}",
+                body=command.encode(),
+            )
+        )
+    return messages
+
+
+class Orchestrator:
+    def __init__(
+        self,
+        store: PostgresStore,
+        bus: Bus,
+        *,
+        clock: Clock = utc_now,
+        batch_size: int = 256,
+        idle_wait: float = 5.0,
+    ) -> None:
+        self.store = store
+        self.bus = bus
+        self.clock = clock
+        self.batch_size = batch_size
+        self.idle_wait = idle_wait
+        self.transactional = isinstance(bus, TransactionalBus)
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        return self.store.pool
+
+    # -- use cases -------------------------------------------------------------------
+    async def apply_workflow(
+        self, namespace: str, name: str, spec: WorkflowSpec
+    ) -> tuple[int, bool]:
+        async with self.pool.acquire() as conn:
+            return await self.store.put_workflow(conn, namespace, name, spec, self.clock())
+
+    async def start(
+        self, namespace: str, name: str, workflow: str, input: dict[str, Any]
+    ) -> tuple[ExecutionState, bool]:
+        """Start an execution once; a repeated start returns the existing one unchanged."""
+        now = self.clock()
+        async with self.pool.acquire() as conn, conn.transaction():
+            existing = await self.store.get_execution(conn, namespace, name)
+            if existing is not None:
+                return existing, False
+            version = await self.store.current_version(conn, namespace, workflow)
+            if version is None:
+                raise LookupError(f"workflow {namespace}/{workflow} does not exist")
+            definition = await self.store.definition(conn, namespace, workflow, version)
+            state = new_execution(
+                execution_id=new_execution_id(),
+                namespace=namespace,
+                name=name,
+                workflow=workflow,
+                version=version,
+                input=input,
+                step_names=tuple(s.name for s in definition.steps),
+            )
+            if not await self.store.insert_execution(conn, state, now):
+                found = await self.store.get_execution(conn, namespace, name)
+                assert found is not None
+                return found, False
+            decision = decide(state, definition, Start(), now)
+            await self._commit(conn, [Applied(state.execution_id, decision)], now)
+            return decision.state, True
+
+    async def cancel(self, namespace: str, name: str, reason: str) -> ExecutionState | None:
+        now = self.clock()
+        async with self.pool.acquire() as conn, conn.transaction():
+            found = await self.store.get_execution(conn, namespace, name)
+            if found is None:
+                return None
+            state = (await self.store.lock_executions(conn, [found.execution_id]))[
+                found.execution_id
+            ]
+            definition = await self.store.definition(
+                conn, state.namespace, state.workflow, state.version
+            )
+            decision = decide(state, definition, Cancel(reason), now)
+            await self._commit(conn, [Applied(state.execution_id, decision)], now)
+            return decision.state
+
+    # -- one pass of each loop ---------------------------------------------------------
+    async def consume_once(self, max_wait: float) -> int:
+        """Receive a batch of result events and apply them in one transaction."""
+        received = await self.bus.receive(
+            EVENTS_QUEUE, max_messages=self.batch_size, max_wait=max_wait
+        )
+        if not received:
+            return 0
+        parsed: list[tuple[ReceivedMessage, StepResult]] = []
+        for msg in received:
+            try:
+                result = decode_result(msg.body)
+            except MalformedMessageError as exc:
+                log.warning("dead-lettering malformed event %s: %s", msg.message_id, exc)
+                await self.bus.dead_letter(msg, reason="MalformedMessage", description=str(exc))
+                continue
+            parsed.append((msg, result))
+        settle = [m for m, _ in parsed]
+        try:
+            await self._apply_events(parsed, settle)
+        except Exception:
+            log.exception("applying %d events failed; they will be redelivered", len(parsed))
+            await self.bus.abandon(settle)
+            raise
+        if not self.transactional:
+            await self.bus.complete(settle)
+        return len(parsed)
+
+    async def _apply_events(
+        self,
+        parsed: Sequence[tuple[ReceivedMessage, StepResult]],
+        settle: Sequence[ReceivedMessage],
+    ) -> None:
+        now = self.clock()
+        async with self.pool.acquire() as conn, conn.transaction():
+            fresh = await self.store.claim_inbox(
+                conn, [(m.message_id, r.execution_id) for m, r in parsed], now
+            )
+            by_execution: dict[str, list[tuple[str, StepResult]]] = defaultdict(list)
+            for msg, result in parsed:
+                if msg.message_id in fresh:
+                    fresh.discard(msg.message_id)
+                    by_execution[result.execution_id].append((msg.message_id, result))
+            states = await self.store.lock_executions(conn, by_execution)
+            applied: list[Applied] = []
+            for eid, items in by_execution.items():
+                state = states.get(eid)
+                if state is None:
+                    log.warning("events for unknown execution %s ignored", eid)
+                    continue
+                definition = await self.store.definition(
+                    conn, state.namespace, state.workflow, state.version
+                )
+                for message_id, result in items:
+                    decision = decide(state, definition, result_fact(result), now)
+                    state = decision.state
+                    applied.append(Applied(eid, decision, message_id))
+            await self._commit(conn, applied, now)
+            if self.transactional:
+                await self.bus.complete_in(conn, settle)  # type: ignore[attr-defined]
+
+    async def fire_timers_once(self) -> int:
+        """Apply every due timer of executions no other replica is working on."""
+        now = self.clock()
+        async with self.pool.acquire() as conn, conn.transaction():
+            ids = await self.store.due_timer_executions(conn, now, self.batch_size)
+            if not ids:
+                return 0
+            states = await self.store.lock_executions(conn, ids, skip_locked=True)
+            timers = await self.store.take_due_timers(conn, list(states), now)
+            applied: list[Applied] = []
+            for timer in timers:
+                state = states[timer.execution_id]
+                definition = await self.store.definition(
+                    conn, state.namespace, state.workflow, state.version
+                )
+                fact = TimerFired(timer.kind, timer.step, timer.attempt)  # type: ignore[arg-type]
+                decision = decide(state, definition, fact, now)
+                states[timer.execution_id] = decision.state
+                applied.append(Applied(timer.execution_id, decision))
+            await self._commit(conn, applied, now)
+            return len(timers)
+
+    async def relay_once(self) -> int:
+        """Send outbox rows to the bus, then delete them (at-least-once)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            seqs, messages = await self.store.take_outbox(conn, self.batch_size)
+            if messages:
+                await self.bus.send(messages)
+                await self.store.delete_outbox(conn, seqs)
+            return len(messages)
+
+    async def _commit(
+        self, conn: asyncpg.Connection, applied: Sequence[Applied], now: datetime
+    ) -> None:
+        await self.store.save(conn, applied, now)
+        commands = [
+            m
+            for a in applied
+            if a.decision.applied
+            for m in command_messages(a.decision.state, a.decision)
+        ]
+        if not commands:
+            return
+        if self.transactional:
+            await self.bus.send_in(conn, commands)  # type: ignore[attr-defined]
+        else:
+            await self.store.add_outbox(conn, commands, now)
+
+    # -- the loops -------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event, dsn: str) -> None:
+        """Run every loop until `stop` is set."""
+        notes = Notifications(dsn, (TIMERS_CHANNEL, OUTBOX_CHANNEL))
+        await notes.start()
+        try:
+            loops = [self._consume_loop(stop), self._timer_loop(stop, notes)]
+            if not self.transactional:
+                loops.append(self._relay_loop(stop, notes))
+            tasks = [asyncio.create_task(c) for c in loops]
+            await stop.wait()
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            await notes.close()
+
+    async def _consume_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.consume_once(max_wait=self.idle_wait)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("event consumer pass failed")
+                await asyncio.sleep(0.5)  # back off before the redelivery
+
+    async def _timer_loop(self, stop: asyncio.Event, notes: Notifications) -> None:
+        while not stop.is_set():
+            try:
+                while await self.fire_timers_once():
+                    pass
+                async with self.pool.acquire() as conn:
+                    due = await self.store.next_timer_due(conn)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("timer pass failed")
+                due = None
+            wait = self.idle_wait
+            if due is not None:
+                # A floor, so a due timer held by another replica's lock is not spun on.
+                wait = max(0.02, min(wait, (due - self.clock()).total_seconds()))
+            await notes.wait(TIMERS_CHANNEL, wait)
+
+    async def _relay_loop(self, stop: asyncio.Event, notes: Notifications) -> None:
+        while not stop.is_set():
+            try:
+                while await self.relay_once():
+                    pass
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("outbox relay pass failed")
+            await notes.wait(OUTBOX_CHANNEL, self.idle_wait)

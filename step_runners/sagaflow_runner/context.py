@@ -1,0 +1,79 @@
+"""What a running step knows about its attempt, and how it reports liveness.
+
+The host (the runner worker) builds one `StepContext` per attempt and injects the
+heartbeat callback, so this module needs no bus and step authors can build a
+context by hand in their own tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any
+
+HeartbeatCallback = Callable[[dict[str, Any] | None], Awaitable[None]]
+
+
+async def _no_heartbeat(details: dict[str, Any] | None) -> None:
+    # Outside a host (a unit test of a handler) heartbeats have nowhere to go.
+    return None
+
+
+def attempt_key(execution_id: str, step: str, attempt: int) -> str:
+    """The attempt id, `<execution_id>/<step>/<attempt>`.
+
+    Mirrors the orchestrator's wire contract (message ids derive from it); the SDK
+    may not import the orchestrator, so the format is restated here.
+    """
+    return f"{execution_id}/{step}/{attempt}"
+
+
+class StepContext:
+    """One attempt of one step of one execution.
+
+    `idempotency_key` is the same every time this attempt is delivered, and differs
+    between attempts: pass it to downstream services so a redelivered command does
+    not, say, charge a card twice.
+    """
+
+    __slots__ = (
+        "_heartbeat",
+        "attempt",
+        "deadline",
+        "execution",
+        "execution_id",
+        "idempotency_key",
+        "step",
+    )
+
+    def __init__(
+        self,
+        *,
+        execution: str,
+        execution_id: str,
+        step: str,
+        attempt: int,
+        deadline: datetime | None = None,
+        heartbeat: HeartbeatCallback | None = None,
+        idempotency_key: str | None = None,
+    ) -> None:
+        if attempt < 1:
+            raise ValueError(f"attempt is 1-based, got {attempt}")
+        self.execution = execution
+        self.execution_id = execution_id
+        self.step = step
+        self.attempt = attempt
+        self.deadline = deadline
+        self.idempotency_key = idempotency_key or attempt_key(execution_id, step, attempt)
+        self._heartbeat = heartbeat or _no_heartbeat
+
+    async def heartbeat(self, details: dict[str, Any] | None = None) -> None:
+        """Tell the orchestrator this attempt is alive (resets its heartbeat timeout)
+        and keep the command's lock, so a long step is not redelivered meanwhile."""
+        await self._heartbeat(details)
+
+    def __repr__(self) -> str:
+        return (
+            f"StepContext(execution={self.execution!r}, step={self.step!r}, "
+            f"attempt={self.attempt}, idempotency_key={self.idempotency_key!r})"
+        )
