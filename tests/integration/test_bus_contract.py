@@ -14,7 +14,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -44,7 +44,8 @@ LONG_WAIT = 20.0
 class Harness:
     """One adapter under test, plus what tests need beyond the protocol."""
 
-    make_bus: Callable[[], Bus]
+    # Makes the n-th client (n = 0, 1, ...).
+    make_bus: Callable[[int], Bus]
     now: Callable[[], datetime]
     # Move the adapter's clock forward (a real broker would sleep).
     advance: Callable[[float], Awaitable[None]]
@@ -60,7 +61,7 @@ class Harness:
 
     def new_bus(self) -> Bus:
         """Another independent client on the same queues, like a second process."""
-        bus = self.make_bus()
+        bus = self.make_bus(len(self.buses))
         self.buses.append(bus)
         return bus
 
@@ -81,13 +82,15 @@ async def _postgres_harness(server_dsn: str) -> AsyncIterator[Harness]:
     async with fresh_database(server_dsn) as dsn:
         pool = await asyncpg.create_pool(dsn, min_size=1, max_size=10)
 
-        def make_bus() -> Bus:
+        def make_bus(n: int) -> Bus:
             return PostgresBus(
                 pool,
                 clock=clock,
                 lock_duration=LOCK_DURATION,
                 max_delivery_count=MAX_DELIVERY_COUNT,
-                listen_dsn=dsn,
+                # The first bus listens on its own connection, the others on one
+                # borrowed from the pool: both ways are exercised.
+                listen_dsn=dsn if n == 0 else None,
             )
 
         async def advance(seconds: float) -> None:
@@ -108,8 +111,10 @@ async def _postgres_harness(server_dsn: str) -> AsyncIterator[Harness]:
 
 
 @pytest.fixture(params=_adapters())
-async def harness(request: pytest.FixtureRequest, pg_dsn: str) -> AsyncIterator[Harness]:
-    async with _postgres_harness(pg_dsn) as harness:
+async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
+    if request.param != "postgres":
+        raise NotImplementedError(f"no harness for {request.param}")
+    async with _postgres_harness(request.getfixturevalue("pg_dsn")) as harness:
         yield harness
 
 
@@ -134,6 +139,16 @@ def transactional(harness: Harness) -> TransactionalBus:
 
 class Rollback(Exception):
     pass
+
+
+async def in_rolled_back_transaction(
+    harness: Harness, action: Callable[[Any], Awaitable[None]]
+) -> None:
+    """Run `action(conn)` in a transaction, then roll it back by raising Rollback."""
+    assert harness.transaction is not None
+    async with harness.transaction() as conn:
+        await action(conn)
+        raise Rollback
 
 
 # -- basics --------------------------------------------------------------------------
@@ -184,9 +199,7 @@ async def test_a_scheduled_message_is_invisible_until_due(harness: Harness, bus:
 # -- sessions and locks --------------------------------------------------------------
 
 
-async def test_a_held_session_is_not_given_to_a_second_receiver(
-    harness: Harness, bus: Bus
-) -> None:
+async def test_a_held_session_is_not_given_to_a_second_receiver(harness: Harness, bus: Bus) -> None:
     other = harness.new_bus()
     await bus.send([msg("s1", "a1")])
     first = await bus.receive(QUEUE, max_wait=harness.quick)
@@ -361,9 +374,7 @@ async def test_send_in_a_rolled_back_transaction_sends_nothing(harness: Harness)
     bus = transactional(harness)
     assert harness.transaction is not None
     with pytest.raises(Rollback):
-        async with harness.transaction() as conn:
-            await bus.send_in(conn, [msg("s", "m")])
-            raise Rollback
+        await in_rolled_back_transaction(harness, lambda conn: bus.send_in(conn, [msg("s", "m")]))
     assert await bus.receive(QUEUE, max_wait=harness.quick) == []
     async with harness.transaction() as conn:
         await bus.send_in(conn, [msg("s", "m")])
@@ -376,9 +387,7 @@ async def test_complete_in_a_rolled_back_transaction_completes_nothing(harness: 
     await bus.send([msg("s", "m")])
     got = await bus.receive(QUEUE, max_wait=harness.quick)
     with pytest.raises(Rollback):
-        async with harness.transaction() as conn:
-            await bus.complete_in(conn, got)
-            raise Rollback
+        await in_rolled_back_transaction(harness, lambda conn: bus.complete_in(conn, got))
     # Still locked by us, not by anybody else, and still ours to complete.
     assert await harness.new_bus().receive(QUEUE, max_wait=harness.quick) == []
     async with harness.transaction() as conn:
@@ -400,3 +409,44 @@ async def test_complete_in_raises_when_the_lock_was_lost(harness: Harness) -> No
     async with harness.transaction() as conn:
         await bus.complete_in(conn, again)
     assert await bus.receive(QUEUE, max_wait=harness.quick) == []
+
+
+# -- the Postgres adapter beyond the contract ----------------------------------------
+
+
+async def test_a_waiting_receive_wakes_when_a_scheduled_message_is_due(
+    pg_pool: asyncpg.Pool,
+) -> None:
+    bus = PostgresBus(pg_pool)  # the real clock: the wake-up time comes from the database
+    try:
+        due = datetime.now(UTC) + timedelta(seconds=0.5)
+        task = asyncio.create_task(bus.receive(QUEUE, max_wait=LONG_WAIT))
+        await bus.send([msg("s", "timer", at=due)])
+        # Woken by the send, it finds nothing visible and sleeps until the message is
+        # due, not until max_wait.
+        assert ids(await asyncio.wait_for(task, LONG_WAIT / 2)) == ["timer"]
+    finally:
+        await bus.close()
+
+
+async def test_complete_is_all_or_nothing(pg_pool: asyncpg.Pool) -> None:
+    clock = FakeClock()
+    bus = PostgresBus(pg_pool, clock=clock, lock_duration=LOCK_DURATION)
+    await bus.send([msg("s1", "a"), msg("s2", "b")])
+    a, b = await bus.receive(QUEUE, max_wait=0)
+    clock.advance(LOCK_DURATION * 0.75)
+    await bus.renew_lock([a])
+    clock.advance(LOCK_DURATION * 0.75)
+    with pytest.raises(MessageLockLostError, match="1 of 2"):
+        await bus.complete([a, b])
+    await bus.complete([a])  # `a` was not completed by the failed call, and is still ours
+    assert ids(await bus.receive(QUEUE, max_wait=0)) == ["b"]
+
+
+async def test_release_all_locks_hands_locked_messages_out_again(pg_pool: asyncpg.Pool) -> None:
+    bus = PostgresBus(pg_pool, clock=FakeClock())
+    await bus.send([msg("s1", "a"), msg("s2", "b")])
+    assert len(await bus.receive(QUEUE, max_wait=0)) == 2
+    await bus.release_all_locks()
+    again = await bus.receive(QUEUE, max_wait=0)
+    assert [(m.message_id, m.delivery_count) for m in again] == [("a", 2), ("b", 2)]

@@ -3,12 +3,12 @@ after its owner was killed with -9."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +28,7 @@ pytestmark = [pytest.mark.timeout(60), pytest.mark.slow]
 # Starts the server in another process, prints its DSN, and lets go when stdin closes.
 _OWNER = """
 import sys
+import time
 from pathlib import Path
 from sagaflow.adapters.postgres.embedded import EmbeddedPostgres
 server = EmbeddedPostgres(Path(sys.argv[1]), runtime_dir=Path(sys.argv[2]))
@@ -67,6 +68,11 @@ def _start_owner(data_dir: Path) -> tuple[subprocess.Popen[str], str]:
     return owner, owner.stdout.readline().strip()
 
 
+def _wait_for_exit(pid: int) -> None:
+    while pid_alive(pid):
+        time.sleep(0.02)
+
+
 async def _query(dsn: str, sql: str) -> object:
     conn = await asyncpg.connect(dsn)
     try:
@@ -102,7 +108,8 @@ async def test_processes_share_the_server_until_the_last_lets_go(data_dir: Path)
         with EmbeddedPostgres(data_dir, runtime_dir=RUNTIME_DIR) as server:
             assert postmaster_pid(server.pgdata) == pid
             assert await _query(server.dsn, "SELECT 1") == 1
-        assert pid is not None and pid_alive(pid), "stopped while the owner still holds it"
+        assert pid is not None
+        assert pid_alive(pid), "stopped while the owner still holds it"
         assert await _query(dsn, "SELECT 1") == 1
     finally:
         owner.communicate("", timeout=30)
@@ -115,7 +122,8 @@ async def test_recovers_after_the_owner_was_killed(data_dir: Path) -> None:
     owner.send_signal(signal.SIGKILL)
     owner.wait()
     # The server outlives its owner, whose pid stays in pgserver's list of holders.
-    assert pid is not None and pid_alive(pid)
+    assert pid is not None
+    assert pid_alive(pid)
     handles = data_dir / "pgdata" / ".handle_pids.json"
     assert owner.pid in json.loads(handles.read_text())
 
@@ -134,8 +142,7 @@ async def test_starts_again_after_owner_and_server_were_killed(data_dir: Path) -
     owner.send_signal(signal.SIGKILL)
     owner.wait()
     os.kill(pid, signal.SIGKILL)  # a crash: postmaster.pid stays behind
-    while pid_alive(pid):  # the signal is delivered asynchronously
-        await asyncio.sleep(0.02)
+    _wait_for_exit(pid)  # the signal is delivered asynchronously
 
     with EmbeddedPostgres(data_dir, runtime_dir=RUNTIME_DIR) as server:
         assert await _query(server.dsn, "SELECT 1") == 1

@@ -106,7 +106,7 @@ class RunnerWorker:
         try:
             async with asyncio.TaskGroup() as group:
                 for queue in queues:
-                    group.create_task(self._receive_loop(queue, stop, shared=len(queues) > 1))
+                    group.create_task(self._receive_loop(queue, stop, shares=len(queues)))
             grace = self._grace_period
         finally:
             try:
@@ -115,9 +115,13 @@ class RunnerWorker:
                 settler.cancel()
                 await asyncio.wait({settler})
 
-    async def _receive_loop(self, queue: str, stop: asyncio.Event, *, shared: bool) -> None:
+    async def _receive_loop(self, queue: str, stop: asyncio.Event, *, shares: int) -> None:
+        # A loop blocks in receive only while holding its fair share of the slots, so an
+        # idle queue never starves a busy one; beyond that share it only takes what is
+        # already waiting (a receive that does not block).
+        share = max(1, self._concurrency // shares)
         stopped = asyncio.ensure_future(stop.wait())
-        want = self._concurrency
+        want = share
         failures = 0
         try:
             while not stop.is_set():
@@ -127,7 +131,11 @@ class RunnerWorker:
                 try:
                     received = await _until(
                         stopped,
-                        self._bus.receive(queue, max_messages=taken, max_wait=self._receive_wait),
+                        self._bus.receive(
+                            queue,
+                            max_messages=taken,
+                            max_wait=self._receive_wait if taken <= share else 0,
+                        ),
                     )
                 except Exception:
                     self._slots.give(taken)
@@ -151,9 +159,8 @@ class RunnerWorker:
                     task = asyncio.create_task(self._process(message, now))
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
-                # An idle queue sharing the pool reserves one slot while it waits, so
-                # it does not hold back slots a busy queue could use.
-                want = self._concurrency if received or not shared else 1
+                # A full batch means more is waiting: ask for more next time.
+                want = self._concurrency if len(received) == taken else share
         finally:
             stopped.cancel()
 

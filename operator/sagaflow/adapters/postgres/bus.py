@@ -38,8 +38,9 @@ from sagaflow.core.ports import (
 
 NOTIFY_CHANNEL = "sagaflow_bus"
 
-# A receive that lost every session it picked to concurrent receivers tries again at
-# once (their locks are visible then); bounded, in case contention is extreme.
+# A receive that lost every session it picked to concurrent receivers (or whose
+# messages all went to the dead letters) tries again at once; bounded, in case
+# contention is extreme.
 _RECEIVE_ATTEMPTS = 8
 
 _SEND = """
@@ -210,10 +211,17 @@ SELECT (SELECT count(*) FROM renewed),
        (SELECT count(*) FROM (SELECT DISTINCT queue, session_id FROM held) AS d)
 """
 
-_DEAD_LETTERS = """
-SELECT queue, message_id, session_id, body, reason, description, delivery_count,
-       dead_lettered_at
-FROM bus_dead_letters WHERE queue = $1 ORDER BY seq
+_DEAD_LETTERS = """SELECT queue, message_id, session_id, body, reason, description,
+    delivery_count, dead_lettered_at FROM bus_dead_letters WHERE queue = $1 ORDER BY seq"""
+
+
+_RELEASE_ALL = """
+WITH sessions AS (
+    DELETE FROM bus_sessions RETURNING queue
+), messages AS (
+    UPDATE bus_messages SET lock_token = NULL, locked_until = NULL WHERE lock_token IS NOT NULL
+)
+SELECT pg_notify('sagaflow_bus', d.queue) FROM (SELECT DISTINCT queue FROM sessions) AS d
 """
 
 
@@ -232,7 +240,7 @@ class PostgresBus:
     """A `TransactionalBus` over an asyncpg pool on a database migrated by `migrate()`.
 
     `listen_dsn` opens the LISTEN connection for waiting receivers; without it one
-    pool connection is borrowed for the bus's lifetime.
+    pool connection is borrowed until `close()`, which must come before the pool's.
     """
 
     def __init__(
@@ -296,12 +304,9 @@ class PostgresBus:
             now = self._clock()
             until = now + self._lock_duration
             async with self._pool.acquire() as conn:
-                try:
-                    rows = await conn.fetch(
-                        _RECEIVE, queue, now, max_messages, until, self._max_delivery_count
-                    )
-                except asyncpg.DeadlockDetectedError:  # not expected, given the lock order
-                    continue
+                rows = await conn.fetch(
+                    _RECEIVE, queue, now, max_messages, until, self._max_delivery_count
+                )
                 messages = [_received(queue, row, until) for row in rows if row["kind"] == "m"]
                 idle = [row for row in rows if row["kind"] == "s"]
                 if idle:
@@ -373,6 +378,14 @@ class PostgresBus:
             rows = await conn.fetch(_DEAD_LETTERS, queue)
         return [DeadLetter(**dict(row)) for row in rows]
 
+    async def release_all_locks(self) -> None:
+        """Make every locked message receivable now, as if all locks had expired.
+
+        Only for a process that knows it is the bus's sole user, such as a local run
+        restarting after a crash: other receivers would lose their sessions."""
+        async with self._pool.acquire() as conn:
+            await conn.execute(_RELEASE_ALL)
+
     # -- wake-ups -----------------------------------------------------------------
 
     async def _wake_event(self, queue: str) -> asyncio.Event:
@@ -421,6 +434,7 @@ class PostgresBus:
                 await self._drop_connection(lost)
             if conn is not None:
                 with contextlib.suppress(Exception):
+                    conn.remove_termination_listener(self._on_listener_lost)
                     await conn.remove_listener(NOTIFY_CHANNEL, self._on_notify)
                 await self._drop_connection(conn)
 
