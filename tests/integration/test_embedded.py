@@ -111,6 +111,10 @@ async def test_processes_share_the_server_until_the_last_lets_go(data_dir: Path)
         assert pid is not None
         assert pid_alive(pid), "stopped while the owner still holds it"
         assert await _query(dsn, "SELECT 1") == 1
+        # Attaching again from this process counts it as a holder again.
+        with EmbeddedPostgres(data_dir, runtime_dir=RUNTIME_DIR) as server:
+            handles = json.loads((server.pgdata / ".handle_pids.json").read_text())
+            assert sorted(handles) == sorted([owner.pid, os.getpid()])
     finally:
         owner.communicate("", timeout=30)
     assert not pid_alive(pid)

@@ -272,6 +272,12 @@ class OutsideBus:
     async def complete(self, messages: Sequence[ReceivedMessage]) -> None:
         await self.inner.complete(messages)
 
+    async def reply(
+        self, completed: Sequence[ReceivedMessage], messages: Sequence[OutgoingMessage]
+    ) -> None:
+        await self.inner.send(messages)
+        await self.inner.complete(completed)
+
     async def abandon(self, messages: Sequence[ReceivedMessage]) -> None:
         await self.inner.abandon(messages)
 

@@ -102,6 +102,19 @@ class FakeBus:
         self.completed.extend(messages)
         self._touch()
 
+    async def reply(
+        self, completed: Sequence[ReceivedMessage], messages: Sequence[OutgoingMessage]
+    ) -> None:
+        # Atomic like the Postgres bus: a lost lock settles and sends nothing.
+        self.calls.append("reply")
+        lost = [m for m in completed if m.message_id in self.lost_locks]
+        if lost:
+            self._touch()
+            raise MessageLockLostError(lost[0].message_id)
+        if messages:
+            await self.send(messages)
+        await self.complete(completed)
+
     async def abandon(self, messages: Sequence[ReceivedMessage]) -> None:
         self.calls.append("abandon")
         self.abandoned.extend(messages)
@@ -226,11 +239,11 @@ async def test_completes_a_step_and_sends_step_completed() -> None:
         "output": {"reserved": "A1"},
     }
     assert [m.message_id for m in bus.completed] == [cmd.attempt_id]
-    assert bus.calls == ["send", "complete"]  # result first, then the command
+    assert bus.calls == ["reply", "send", "complete"]  # one reply: result and command
     assert bus.abandoned == []
 
 
-async def test_results_finishing_together_share_one_send_and_one_complete() -> None:
+async def test_results_finishing_together_share_one_reply() -> None:
     bus, registry = FakeBus(), Registry()
 
     async def quick(input: dict[str, Any], ctx: StepContext) -> None:
@@ -241,7 +254,7 @@ async def test_results_finishing_together_share_one_send_and_one_complete() -> N
     async with running(RunnerWorker(bus, registry)):
         await bus.wait_until(settled(bus, 20))
 
-    assert bus.calls == ["send", "complete"]
+    assert bus.calls == ["reply", "send", "complete"]
     assert {r.execution_id for r in bus.results()} == {f"e-{i}" for i in range(20)}
     assert all(r.kind == "StepCompleted" and r.output == {} for r in bus.results())
 
@@ -376,7 +389,8 @@ async def test_a_lost_lock_on_complete_is_dropped_and_others_still_complete() ->
         await bus.wait_until(lambda: len(bus.completed) == 2)
 
     assert sorted(m.message_id for m in bus.completed) == [cmds[0].attempt_id, cmds[2].attempt_id]
-    assert len(bus.results()) == 3  # the result was sent; a redelivery would be deduplicated
+    # The lost one sent nothing: its command is redelivered (or already was) and reruns.
+    assert sorted(r.execution_id for r in bus.results()) == ["e-0", "e-2"]
     assert bus.abandoned == []
 
 

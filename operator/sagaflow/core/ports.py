@@ -74,6 +74,15 @@ class Bus(Protocol):
 
     async def complete(self, messages: Sequence[ReceivedMessage]) -> None: ...
 
+    async def reply(
+        self, completed: Sequence[ReceivedMessage], messages: Sequence[OutgoingMessage]
+    ) -> None:
+        """Send `messages` and complete `completed`: atomically where the bus can (the
+        Postgres bus), else send first and complete after. Either way a crash in between
+        redelivers the received message, and the repeated reply is dropped by its id.
+        Raises MessageLockLostError, having completed nothing, if a lock was lost."""
+        ...
+
     async def abandon(self, messages: Sequence[ReceivedMessage]) -> None: ...
 
     async def dead_letter(

@@ -17,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -108,6 +110,12 @@ def command_messages(state: ExecutionState, decision: Decision) -> list[Outgoing
     return messages
 
 
+@dataclass
+class _Transaction:
+    conn: Any = None
+    states: list[ExecutionState] = field(default_factory=list)
+
+
 class Orchestrator:
     def __init__(
         self,
@@ -117,12 +125,16 @@ class Orchestrator:
         clock: Clock = utc_now,
         batch_size: int = 256,
         idle_wait: float = 5.0,
+        consumers: int = 2,
     ) -> None:
         self.store = store
         self.bus = bus
         self.clock = clock
         self.batch_size = batch_size
         self.idle_wait = idle_wait
+        # More than one consumer keeps a batch in flight while the next is received;
+        # session locks and row locks keep them off each other's executions.
+        self.consumers = consumers
         self.transactional = isinstance(bus, TransactionalBus)
 
     @property
@@ -141,7 +153,8 @@ class Orchestrator:
     ) -> tuple[ExecutionState, bool]:
         """Start an execution once; a repeated start returns the existing one unchanged."""
         now = self.clock()
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self._transaction() as tx:
+            conn = tx.conn
             existing = await self.store.get_execution(conn, namespace, name)
             if existing is not None:
                 return existing, False
@@ -163,12 +176,13 @@ class Orchestrator:
                 assert found is not None
                 return found, False
             decision = decide(state, definition, Start(), now)
-            await self._commit(conn, [Applied(state.execution_id, decision)], now)
-            return decision.state, True
+            await self._commit(tx, [Applied(state.execution_id, decision)], now)
+        return decision.state, True
 
     async def cancel(self, namespace: str, name: str, reason: str) -> ExecutionState | None:
         now = self.clock()
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self._transaction() as tx:
+            conn = tx.conn
             found = await self.store.get_execution(conn, namespace, name)
             if found is None:
                 return None
@@ -179,8 +193,8 @@ class Orchestrator:
                 conn, state.namespace, state.workflow, state.version
             )
             decision = decide(state, definition, Cancel(reason), now)
-            await self._commit(conn, [Applied(state.execution_id, decision)], now)
-            return decision.state
+            await self._commit(tx, [Applied(state.execution_id, decision)], now)
+        return decision.state
 
     # -- one pass of each loop ---------------------------------------------------------
     async def consume_once(self, max_wait: float) -> int:
@@ -216,7 +230,8 @@ class Orchestrator:
         settle: Sequence[ReceivedMessage],
     ) -> None:
         now = self.clock()
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self._transaction() as tx:
+            conn = tx.conn
             fresh = await self.store.claim_inbox(
                 conn, [(m.message_id, r.execution_id) for m, r in parsed], now
             )
@@ -239,14 +254,15 @@ class Orchestrator:
                     decision = decide(state, definition, result_fact(result), now)
                     state = decision.state
                     applied.append(Applied(eid, decision, message_id))
-            await self._commit(conn, applied, now)
+            await self._commit(tx, applied, now)
             if self.transactional:
                 await self.bus.complete_in(conn, settle)  # type: ignore[attr-defined]
 
     async def fire_timers_once(self) -> int:
         """Apply every due timer of executions no other replica is working on."""
         now = self.clock()
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self._transaction() as tx:
+            conn = tx.conn
             ids = await self.store.due_timer_executions(conn, now, self.batch_size)
             if not ids:
                 return 0
@@ -262,7 +278,7 @@ class Orchestrator:
                 decision = decide(state, definition, fact, now)
                 states[timer.execution_id] = decision.state
                 applied.append(Applied(timer.execution_id, decision))
-            await self._commit(conn, applied, now)
+            await self._commit(tx, applied, now)
             return len(timers)
 
     async def relay_once(self) -> int:
@@ -274,10 +290,19 @@ class Orchestrator:
                 await self.store.delete_outbox(conn, seqs)
             return len(messages)
 
-    async def _commit(
-        self, conn: asyncpg.Connection, applied: Sequence[Applied], now: datetime
-    ) -> None:
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[_Transaction]:
+        """One transaction; states it saved are remembered by the store once it commits."""
+        tx = _Transaction()
+        async with self.pool.acquire() as conn, conn.transaction():
+            tx.conn = conn
+            yield tx
+        self.store.remember(tx.states)
+
+    async def _commit(self, tx: _Transaction, applied: Sequence[Applied], now: datetime) -> None:
+        conn = tx.conn
         await self.store.save(conn, applied, now)
+        tx.states.extend(a.decision.state for a in applied if a.decision.applied)
         commands = [
             m
             for a in applied
@@ -297,7 +322,8 @@ class Orchestrator:
         notes = Notifications(dsn, (TIMERS_CHANNEL, OUTBOX_CHANNEL))
         await notes.start()
         try:
-            loops = [self._consume_loop(stop), self._timer_loop(stop, notes)]
+            loops = [self._consume_loop(stop) for _ in range(self.consumers)]
+            loops.append(self._timer_loop(stop, notes))
             if not self.transactional:
                 loops.append(self._relay_loop(stop, notes))
             tasks = [asyncio.create_task(c) for c in loops]

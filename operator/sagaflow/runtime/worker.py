@@ -340,7 +340,8 @@ _Item = tuple[OutgoingMessage | None, ReceivedMessage, "asyncio.Future[None]"]
 
 
 class _Settler:
-    """Settles finished attempts in batches: one send of results, then one complete."""
+    """Settles finished attempts in batches: one `reply` sends the results and completes
+    the commands."""
 
     def __init__(self, bus: Bus, interval: float, max_batch: int, busy: Callable[[], bool]) -> None:
         self._bus = bus
@@ -378,17 +379,8 @@ class _Settler:
             carried_over = bool(self._pending)
 
     async def _flush(self, batch: list[_Item]) -> None:
-        results = [result for result, _, _ in batch if result is not None]
-        commands = [message for _, message, _ in batch]
         try:
-            if results:
-                try:
-                    await self._bus.send(results)
-                except Exception:
-                    log.exception("sending %d results failed; abandoning for a rerun", len(results))
-                    await _abandon(self._bus, commands)
-                    return
-            await _complete(self._bus, commands)
+            await _reply(self._bus, [(result, message) for result, message, _ in batch])
         finally:
             for _, _, done in batch:
                 if not done.done():
@@ -431,17 +423,21 @@ async def _until(stopped: asyncio.Future[Any], awaitable: Awaitable[T]) -> T | N
     return task.result()
 
 
-async def _complete(bus: Bus, messages: Sequence[ReceivedMessage]) -> None:
+async def _reply(bus: Bus, items: Sequence[tuple[OutgoingMessage | None, ReceivedMessage]]) -> None:
+    """Send the results and complete the commands of a batch in one `reply`."""
+    results = [result for result, _ in items if result is not None]
+    commands = [message for _, message in items]
     try:
-        await bus.complete(messages)
+        await bus.reply(commands, results)
     except MessageLockLostError:
-        if len(messages) == 1:
-            log.info("lock lost before completing %s; dropped", messages[0].message_id)
-        else:  # one lost lock in the batch: complete one by one so the others still settle
-            for message in messages:
-                await _complete(bus, [message])
+        if len(items) == 1:
+            log.info("lock lost before completing %s; dropped", commands[0].message_id)
+        else:  # one lost lock in the batch: settle one by one so the others still do
+            for item in items:
+                await _reply(bus, [item])
     except Exception:
-        log.exception("completing %d commands failed; they will be redelivered", len(messages))
+        log.exception("settling %d commands failed; abandoning them for a rerun", len(items))
+        await _abandon(bus, commands)
 
 
 async def _abandon(bus: Bus, messages: Sequence[ReceivedMessage]) -> None:

@@ -347,6 +347,15 @@ class PostgresBus:
                     "locked by this receiver (lock expired or taken over)"
                 )
 
+    async def reply(
+        self, completed: Sequence[ReceivedMessage], messages: Sequence[OutgoingMessage]
+    ) -> None:
+        """Send and complete in one transaction: a runner's result and the settlement
+        of its command commit together, one commit per batch instead of two."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            await self.send_in(conn, messages)
+            await self.complete_in(conn, completed)
+
     async def abandon(self, messages: Sequence[ReceivedMessage]) -> None:
         """Release the locks for redelivery; a lock already lost is left as it is."""
         if messages:

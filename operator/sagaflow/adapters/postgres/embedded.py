@@ -115,12 +115,21 @@ def _drop_dead_handles(pgdata: Path) -> None:
         path.write_text(json.dumps(alive))
 
 
+def _forget_released(pgserver: Any, pgdata: Path) -> None:
+    """pgserver caches one handle per data directory and process, and hands the cached
+    one out again even after this process let go of it (while another process kept
+    the server): then this process would not count as a holder. Drop such a handle."""
+    cached = pgserver.PostgresServer._instances.get(pgdata)
+    if cached is not None and os.getpid() not in cached.global_process_id_list.get():
+        del pgserver.PostgresServer._instances[pgdata]
+
+
 class EmbeddedPostgres:
     """One Postgres server in `data_dir`, started on demand and shared by processes.
 
     `start()` attaches to a server already running in the data directory (one left
     by a killed owner included) or starts one; `stop()` stops it unless another live
-    process still holds it.
+    process still holds it. Use one instance per data directory in a process.
     """
 
     def __init__(self, data_dir: Path, *, runtime_dir: Path | None = None) -> None:
@@ -147,6 +156,7 @@ class EmbeddedPostgres:
         with pgserver.PostgresServer._lock:
             _drop_dead_handles(self.pgdata)
             _wait_for_reaping(self.pgdata)
+            _forget_released(pgserver, self.pgdata)
         self._server = pgserver.get_server(self.pgdata, cleanup_mode="stop")
         self._dsn = str(self._server.get_uri())
         return self._dsn
@@ -169,4 +179,3 @@ class EmbeddedPostgres:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
-

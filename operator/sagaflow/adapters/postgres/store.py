@@ -29,6 +29,7 @@ from sagaflow.core.state import ExecutionState
 EXECUTIONS_CHANNEL = "sagaflow_executions"
 TIMERS_CHANNEL = "sagaflow_timers"
 OUTBOX_CHANNEL = "sagaflow_outbox"
+_REMEMBERED_MAX = 100_000  # states kept for skipping decodes; cleared when exceeded
 
 _ATTEMPT_STATUS = {
     "StepDispatched": "Running",
@@ -68,6 +69,7 @@ class PostgresStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
         self._definitions: dict[tuple[str, str, int], Definition] = {}
+        self._states: dict[str, ExecutionState] = {}
 
     # -- workflow versions ---------------------------------------------------------
     async def put_workflow(
@@ -185,15 +187,40 @@ class PostgresStore:
     async def lock_executions(
         self, conn: asyncpg.Connection, ids: Iterable[str], *, skip_locked: bool = False
     ) -> dict[str, ExecutionState]:
-        """Lock rows in id order (a fixed order avoids deadlocks between replicas)."""
+        """Lock rows in id order (a fixed order avoids deadlocks between replicas).
+
+        The state document is sent only when its revision differs from the committed
+        state this process remembers: decoding it is the costliest part of a transition.
+        """
+        wanted = sorted(set(ids))
+        known = [self._states[i].revision if i in self._states else -1 for i in wanted]
         skip = " SKIP LOCKED" if skip_locked else ""
         rows = await conn.fetch(
-            "SELECT state FROM sagaflow_executions WHERE execution_id = ANY($1::text[]) "
-            f"ORDER BY execution_id FOR UPDATE{skip}",
-            sorted(set(ids)),
+            "SELECT e.execution_id, CASE WHEN e.revision = k.r THEN NULL ELSE e.state END AS s "
+            "FROM sagaflow_executions e JOIN unnest($1::text[], $2::bigint[]) AS k(i, r) "
+            f"ON e.execution_id = k.i ORDER BY e.execution_id FOR UPDATE OF e{skip}",
+            wanted,
+            known,
         )
-        states = (ExecutionState.from_json(json.loads(r["state"])) for r in rows)
-        return {s.execution_id: s for s in states}
+        return {
+            r["execution_id"]: self._states[r["execution_id"]]
+            if r["s"] is None
+            else ExecutionState.from_json(json.loads(r["s"]))
+            for r in rows
+        }
+
+    def remember(self, states: Iterable[ExecutionState]) -> None:
+        """Keep states the caller has just COMMITTED, so the next lock can skip decoding.
+
+        Only committed states: a rolled-back revision could be reused by another replica.
+        """
+        if len(self._states) > _REMEMBERED_MAX:
+            self._states.clear()
+        for state in states:
+            if state.phase.is_terminal:
+                self._states.pop(state.execution_id, None)
+            else:
+                self._states[state.execution_id] = state
 
     async def get_execution(
         self, conn: asyncpg.Connection, namespace: str, name: str

@@ -1,0 +1,150 @@
+"""Throughput and latency of the whole loop: N executions x K no-op steps.
+
+The orchestrator runs in this process; the step runner runs in a separate process
+(`sagaflow runner`), both on one embedded Postgres (or SAGAFLOW_DATABASE_URL) and
+the Postgres bus. Prints:
+
+- step transitions/s: step results applied per second of wall time, from the first
+  start to the last execution completed;
+- p50 / p99 latency from a step's result event being enqueued to the next step's
+  command being receivable (the commit of the transaction that applied the result);
+- a pgbench baseline of the same server: commits/s of a one-row insert.
+
+    python bench/loop.py --executions 200 --steps 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import asyncpg
+
+from sagaflow.adapters.postgres.bus import PostgresBus
+from sagaflow.adapters.postgres.embedded import EmbeddedPostgres, pg_bin_dir
+from sagaflow.adapters.postgres.migrate import migrate
+from sagaflow.adapters.postgres.store import PostgresStore
+from sagaflow.core.manifests import WorkflowSpec
+from sagaflow.core.messages import StepResult
+from sagaflow.core.ports import ReceivedMessage
+from sagaflow.runtime.orchestrator import Orchestrator
+
+HERE = Path(__file__).resolve().parent
+
+
+class TimedOrchestrator(Orchestrator):
+    """Records, per applied result, enqueue-to-commit latency."""
+
+    latencies: list[float]
+
+    async def _apply_events(
+        self,
+        parsed: Sequence[tuple[ReceivedMessage, StepResult]],
+        settle: Sequence[ReceivedMessage],
+    ) -> None:
+        await super()._apply_events(parsed, settle)
+        committed = datetime.now(UTC)
+        self.latencies.extend((committed - m.enqueued_at).total_seconds() for m, _ in parsed)
+
+
+def spec(steps: int) -> WorkflowSpec:
+    chain = [{"name": "s0", "type": "bench.noop"}]
+    chain += [
+        {"name": f"s{i}", "type": "bench.noop", "dependsOn": [f"s{i - 1}"]} for i in range(1, steps)
+    ]
+    return WorkflowSpec.model_validate({"steps": chain})
+
+
+async def run(dsn: str, state_dir: Path, executions: int, steps: int, batch: int) -> None:
+    pool = await asyncpg.create_pool(dsn, min_size=4, max_size=12)
+    async with pool.acquire() as conn:
+        await migrate(conn)
+    bus = PostgresBus(pool)
+    orch = TimedOrchestrator(PostgresStore(pool), bus, batch_size=batch, consumers=3)
+    orch.latencies = []
+    env = dict(os.environ, SAGAFLOW_RUNNER_CONCURRENCY="256")
+    if "SAGAFLOW_DATABASE_URL" not in os.environ:
+        env["SAGAFLOW_DATABASE_URL"] = dsn
+    runner = subprocess.Popen(
+        [sys.executable, "-m", "sagaflow.cli", "runner", "--module",
+         str(HERE / "noop_runner.py"), "--state-dir", str(state_dir)], env=env)
+    stop = asyncio.Event()
+    try:
+        await orch.apply_workflow("default", "bench", spec(steps))
+        loops = asyncio.create_task(orch.run(stop, dsn))
+        started = time.perf_counter()
+        starts = asyncio.Semaphore(8)
+
+        async def start(i: int) -> None:
+            async with starts:
+                await orch.start("default", f"run-{i}", "bench", {})
+
+        await asyncio.gather(*(start(i) for i in range(executions)))
+        async with pool.acquire() as conn:
+            while True:
+                left = await conn.fetchval(
+                    "SELECT count(*) FROM sagaflow_executions WHERE phase <> 'Completed'")
+                if left == 0:
+                    break
+                await asyncio.sleep(0.05)  # the benchmark's own progress check, not the loop's
+        elapsed = time.perf_counter() - started
+        transitions = executions * steps
+        lat = sorted(orch.latencies)
+        p50 = statistics.median(lat) * 1000
+        p99 = lat[int(len(lat) * 0.99) - 1] * 1000
+        print(f"executions={executions} steps={steps} batch={batch}")
+        print(f"step transitions: {transitions} in {elapsed:.2f}s = {transitions / elapsed:,.0f}/s")
+        print(f"result enqueued -> next command receivable: p50 {p50:.1f} ms, p99 {p99:.1f} ms "
+              f"({len(lat)} samples)")
+        stop.set()
+        await loops
+    finally:
+        runner.terminate()
+        runner.wait(timeout=30)
+        await bus.close()
+        await pool.close()
+
+
+def pgbench(dsn_dir: Path, seconds: int) -> None:
+    """commits/s of a one-row insert, 4 clients, on the same server."""
+    script = dsn_dir / "insert.sql"
+    script.write_text("INSERT INTO bench_baseline (v) VALUES (1);\n")
+    host = str(dsn_dir / "postgres" / "pgdata")
+    psql = [str(pg_bin_dir() / "psql"), "-h", host, "-U", "postgres", "-q", "-c",
+            "CREATE TABLE IF NOT EXISTS bench_baseline (id bigserial PRIMARY KEY, v int)"]
+    subprocess.run(psql, check=True)
+    out = subprocess.run(
+        [str(pg_bin_dir() / "pgbench"), "-h", host, "-U", "postgres", "-n", "-c", "4", "-j", "2",
+         "-T", str(seconds), "-f", str(script), "postgres"],
+        check=True, capture_output=True, text=True).stdout
+    tps = [line for line in out.splitlines() if line.startswith("tps")]
+    print(f"pgbench baseline (one-row insert, 4 clients, {seconds}s): {tps[0] if tps else out}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--executions", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--pgbench-seconds", type=int, default=10)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="sagaflow-bench-") as tmp:
+        state = Path(tmp)
+        os.chmod(state, 0o755)
+        with EmbeddedPostgres(state / "postgres") as server:
+            asyncio.run(run(server.dsn, state, args.executions, args.steps, args.batch))
+            if args.pgbench_seconds:
+                pgbench(state, args.pgbench_seconds)
+
+
+if __name__ == "__main__":
+    main()
