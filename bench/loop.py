@@ -74,9 +74,17 @@ async def run(dsn: str, state_dir: Path, executions: int, steps: int, batch: int
     env = dict(os.environ, SAGAFLOW_RUNNER_CONCURRENCY="256")
     if "SAGAFLOW_DATABASE_URL" not in os.environ:
         env["SAGAFLOW_DATABASE_URL"] = dsn
-    runner = subprocess.Popen(
-        [sys.executable, "-m", "sagaflow.cli", "runner", "--module",
-         str(HERE / "noop_runner.py"), "--state-dir", str(state_dir)], env=env)
+    runner = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "sagaflow.cli",
+        "runner",
+        "--module",
+        str(HERE / "noop_runner.py"),
+        "--state-dir",
+        str(state_dir),
+        env=env,
+    )
     stop = asyncio.Event()
     try:
         await orch.apply_workflow("default", "bench", spec(steps))
@@ -92,7 +100,8 @@ async def run(dsn: str, state_dir: Path, executions: int, steps: int, batch: int
         async with pool.acquire() as conn:
             while True:
                 left = await conn.fetchval(
-                    "SELECT count(*) FROM sagaflow_executions WHERE phase <> 'Completed'")
+                    "SELECT count(*) FROM sagaflow_executions WHERE phase <> 'Completed'"
+                )
                 if left == 0:
                     break
                 await asyncio.sleep(0.05)  # the benchmark's own progress check, not the loop's
@@ -103,13 +112,15 @@ async def run(dsn: str, state_dir: Path, executions: int, steps: int, batch: int
         p99 = lat[int(len(lat) * 0.99) - 1] * 1000
         print(f"executions={executions} steps={steps} batch={batch}")
         print(f"step transitions: {transitions} in {elapsed:.2f}s = {transitions / elapsed:,.0f}/s")
-        print(f"result enqueued -> next command receivable: p50 {p50:.1f} ms, p99 {p99:.1f} ms "
-              f"({len(lat)} samples)")
+        print(
+            f"result enqueued -> next command receivable: p50 {p50:.1f} ms, p99 {p99:.1f} ms "
+            f"({len(lat)} samples)"
+        )
         stop.set()
         await loops
     finally:
         runner.terminate()
-        runner.wait(timeout=30)
+        await asyncio.wait_for(runner.wait(), 30)
         await bus.close()
         await pool.close()
 
@@ -119,13 +130,39 @@ def pgbench(dsn_dir: Path, seconds: int) -> None:
     script = dsn_dir / "insert.sql"
     script.write_text("INSERT INTO bench_baseline (v) VALUES (1);\n")
     host = str(dsn_dir / "postgres" / "pgdata")
-    psql = [str(pg_bin_dir() / "psql"), "-h", host, "-U", "postgres", "-q", "-c",
-            "CREATE TABLE IF NOT EXISTS bench_baseline (id bigserial PRIMARY KEY, v int)"]
+    psql = [
+        str(pg_bin_dir() / "psql"),
+        "-h",
+        host,
+        "-U",
+        "postgres",
+        "-q",
+        "-c",
+        "CREATE TABLE IF NOT EXISTS bench_baseline (id bigserial PRIMARY KEY, v int)",
+    ]
     subprocess.run(psql, check=True)
     out = subprocess.run(
-        [str(pg_bin_dir() / "pgbench"), "-h", host, "-U", "postgres", "-n", "-c", "4", "-j", "2",
-         "-T", str(seconds), "-f", str(script), "postgres"],
-        check=True, capture_output=True, text=True).stdout
+        [
+            str(pg_bin_dir() / "pgbench"),
+            "-h",
+            host,
+            "-U",
+            "postgres",
+            "-n",
+            "-c",
+            "4",
+            "-j",
+            "2",
+            "-T",
+            str(seconds),
+            "-f",
+            str(script),
+            "postgres",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     tps = [line for line in out.splitlines() if line.startswith("tps")]
     print(f"pgbench baseline (one-row insert, 4 clients, {seconds}s): {tps[0] if tps else out}")
 
@@ -139,7 +176,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="sagaflow-bench-") as tmp:
         state = Path(tmp)
-        os.chmod(state, 0o755)
+        os.chmod(state, 0o755)  # noqa: S103 - postgres runs as its own user and must enter it
         with EmbeddedPostgres(state / "postgres") as server:
             asyncio.run(run(server.dsn, state, args.executions, args.steps, args.batch))
             if args.pgbench_seconds:

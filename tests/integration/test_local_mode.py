@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
 import os
 import select
@@ -9,11 +11,23 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from pg import server_dir
+
+from sagaflow.adapters.postgres.bus import PostgresBus
+from sagaflow.adapters.postgres.embedded import EmbeddedPostgres, pg_bin_dir
+from sagaflow.adapters.postgres.store import PostgresStore
+from sagaflow.core.manifests import ExecutionPhase
+from sagaflow.core.state import new_execution
+from sagaflow.core.validation import parse_documents, validate_documents
+from sagaflow.local.output import Progress
+from sagaflow.runtime.orchestrator import Orchestrator
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "samples" / "order-fulfilment.yaml"
@@ -46,8 +60,6 @@ def state_dir() -> Iterator[Path]:
 
 def stop_leftover_postgres(state: Path) -> None:
     """A killed run leaves its postgres running; stop it so no process outlives the test."""
-    from sagaflow.adapters.postgres.embedded import pg_bin_dir
-
     pgdata = state / "postgres" / "pgdata"
     if (pgdata / "postmaster.pid").exists():
         subprocess.run(
@@ -188,7 +200,7 @@ def wait_for_fifo(fifo: Path, proc: subprocess.Popen[str], timeout: float) -> No
     try:
         readable, _, _ = select.select([fd], [], [], timeout)
         if not readable or not os.read(fd, 64):
-            out, err = proc.communicate(timeout=5) if proc.poll() is not None else ("", "")
+            _, err = proc.communicate(timeout=5) if proc.poll() is not None else ("", "")
             raise AssertionError(f"runner never signalled; rc={proc.poll()} {err[-2000:]}")
     finally:
         os.close(fd)
@@ -231,7 +243,7 @@ def test_kill_9_mid_run_then_resume_loses_and_repeats_nothing(
         wait_for_fifo(fifo, first, timeout=120)
     finally:
         first.send_signal(signal.SIGKILL)
-        first.wait(timeout=30)
+        first.communicate(timeout=30)
     before = log.read_text().splitlines()
     assert len(before) >= 9
     applied_before = query_history(state_dir)["succeeded_attempts"]
@@ -262,12 +274,6 @@ def test_kill_9_mid_run_then_resume_loses_and_repeats_nothing(
 
 
 def query_history(state: Path) -> dict[str, Any]:
-    import asyncio
-
-    import asyncpg
-
-    from sagaflow.adapters.postgres.embedded import EmbeddedPostgres
-
     async def read(dsn: str) -> dict[str, Any]:
         conn = await asyncpg.connect(dsn)
         try:
@@ -290,3 +296,111 @@ def query_history(state: Path) -> dict[str, Any]:
 
     with EmbeddedPostgres(state / "postgres") as server:
         return asyncio.run(read(server.dsn))
+
+
+@pytest.mark.timeout(120)
+def test_an_external_database_via_sagaflow_database_url(pg_database: str, tmp_path: Path) -> None:
+    run = sagaflow(
+        "run",
+        "-f",
+        SAMPLE,
+        "--runners",
+        RUNNERS,
+        "--state-dir",
+        tmp_path / "s",
+        "-o",
+        "yaml",
+        env={"SAGAFLOW_DATABASE_URL": pg_database},
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.count("phase: Completed") == 2
+    assert not (tmp_path / "s" / "postgres").exists()  # no embedded server was started
+
+
+@pytest.mark.timeout(120)
+async def test_a_separate_runner_process_serves_steps_and_stops_cleanly(
+    pg_database: str,
+    pg_pool: Any,
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SAGAFLOW_")}
+    env["SAGAFLOW_DATABASE_URL"] = pg_database
+    runner = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "sagaflow.cli",
+        "runner",
+        "--module",
+        str(RUNNERS),
+        env=env,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    bus = PostgresBus(pg_pool)
+    orchestrator = Orchestrator(PostgresStore(pg_pool), bus)
+    stop = asyncio.Event()
+    loops = asyncio.create_task(orchestrator.run(stop, pg_database))
+    try:
+        docs, _ = parse_documents(SAMPLE.read_text(), str(SAMPLE))
+        manifests = validate_documents(docs)
+        for _, wf in manifests.workflows:
+            await orchestrator.apply_workflow("default", wf.metadata.name, wf.spec)
+        for _, ex in manifests.executions:
+            await orchestrator.start(
+                "default", ex.metadata.name, ex.spec.workflow_ref.name, ex.spec.input
+            )
+        async with pg_pool.acquire() as conn:
+            await conn.execute("LISTEN sagaflow_executions")
+            done = asyncio.Event()
+
+            def changed(*_: Any) -> None:
+                done.set()
+
+            await conn.add_listener("sagaflow_executions", changed)
+            while await conn.fetchval(
+                "SELECT count(*) FROM sagaflow_executions WHERE phase <> 'Completed'"
+            ):
+                await asyncio.wait_for(done.wait(), 60)
+                done.clear()
+            await conn.remove_listener("sagaflow_executions", changed)
+    finally:
+        stop.set()
+        await loops
+        await bus.close()
+        runner.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(runner.communicate(), 60)
+    assert runner.returncode == 0, err.decode()
+
+
+def test_progress_redraws_in_place_on_a_terminal() -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    screen = Terminal()
+    progress = Progress(screen)
+    state = new_execution(
+        execution_id="e",
+        namespace="default",
+        name="run-1",
+        workflow="w",
+        version=1,
+        input={},
+        step_names=("a", "b"),
+    )
+    progress.update([state])
+    done = replace(
+        state,
+        phase=ExecutionPhase.COMPLETED,
+        started_at=datetime.now(UTC),
+        finished_at=datetime.now(UTC),
+    )
+    progress.update([done])
+    text = screen.getvalue()
+    assert text.count("\x1b[2F\x1b[J") == 1  # the two-line table was redrawn over itself
+    assert "Pending" in text and "Completed" in text
+
+    plain = io.StringIO()
+    quiet = Progress(plain)
+    quiet.update([state])
+    quiet.update([done])
+    quiet.update([done])
+    assert plain.getvalue() == "default/run-1: Completed\n"  # once, no escape codes

@@ -313,3 +313,40 @@ async def test_without_a_transactional_bus_commands_go_through_the_outbox(
     assert await h.scalar("SELECT count(*) FROM bus_messages WHERE queue=$1", EVENTS_QUEUE) == 0
     assert await h.orchestrator.relay_once() == 2  # b and c
     await inner.close()
+
+
+async def test_a_replica_never_uses_a_state_another_replica_superseded(h: Harness) -> None:
+    """Each orchestrator remembers the states it committed; a second replica moving an
+    execution on must make the first one read the newer state, not its memory."""
+    other = Orchestrator(PostgresStore(h.pool), h.bus, clock=h.clock)
+    await h.orchestrator.start("default", "run-1", "flow", {"n": 1})
+    [(msg, cmd)] = await h.commands("svc")
+    await h.reply(msg, completed(cmd, {"v": "A"}))
+    assert await other.consume_once(max_wait=0) == 1  # the other replica applies a's result
+
+    got = {c.step: (m, c) for m, c in await h.commands("svc")}
+    await h.reply(got["b"][0], completed(got["b"][1], {"v": "B"}))
+    assert await h.orchestrator.consume_once(max_wait=0) == 1  # this one applies b's
+    state = await h.state()
+    assert state.steps["a"].phase.value == "Succeeded"  # not lost by a stale memory
+    assert state.steps["b"].phase.value == "Succeeded"
+    assert state.revision == 3
+
+
+async def test_a_rolled_back_transition_is_not_remembered(h: Harness, monkeypatch: Any) -> None:
+    await h.orchestrator.start("default", "run-1", "flow", {"n": 1})
+    [(msg, cmd)] = await h.commands("svc")
+    await h.reply(msg, completed(cmd, {"v": "A"}))
+
+    async def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("database went away mid-transaction")
+
+    monkeypatch.setattr(h.bus, "complete_in", broken)
+    with pytest.raises(RuntimeError):
+        await h.orchestrator.consume_once(max_wait=0)
+    monkeypatch.undo()
+    assert (await h.state()).steps["a"].phase.value == "Running"  # rolled back
+    # The abandoned event comes back and is applied on top of the committed state.
+    assert await h.orchestrator.consume_once(max_wait=0) == 1
+    state = await h.state()
+    assert state.steps["a"].phase.value == "Succeeded" and state.revision == 2
