@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import yaml
@@ -24,9 +25,8 @@ def as_list(states: Sequence[ExecutionState]) -> dict[str, Any]:
 def _duration(state: ExecutionState) -> str:
     if state.started_at is None:
         return "-"
-    if state.finished_at is None:
-        return "running"
-    return f"{(state.finished_at - state.started_at).total_seconds():.2f}s"
+    end = state.finished_at or datetime.now(UTC)  # still running: time so far
+    return f"{(end - state.started_at).total_seconds():.2f}s"
 
 
 def _row(state: ExecutionState) -> list[str]:
