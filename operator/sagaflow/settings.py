@@ -7,9 +7,9 @@ anything is started.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -22,9 +22,22 @@ class Settings(BaseSettings):
 
     # An external Postgres; when unset, local mode starts an embedded one in its state dir.
     database_url: str | None = None
-    bus: Literal["postgres"] = "postgres"
-    payloads: Literal["local"] = "local"
+    bus: Literal["postgres", "servicebus"] = "postgres"
+    servicebus_connection_string: SecretStr | None = None
+    # Fully qualified namespace (NAME.servicebus.windows.net) for azure-identity auth.
+    servicebus_namespace: str | None = None
+    payloads: Literal["local", "azureblob"] = "local"
+    # Local payload directory; defaults to `payloads/` in the state dir.
     payload_dir: Path | None = None
+    blob_connection_string: SecretStr | None = None
+    # https://ACCOUNT.blob.core.windows.net (azure-identity auth) or a SAS URL.
+    blob_account_url: str | None = None
+    blob_container: str = Field(
+        default="sagaflow-payloads", pattern=r"^[a-z0-9](-?[a-z0-9]){2,62}$"
+    )
+    blob_create_container: bool = False
+    # Payloads above this size travel by reference; well under Service Bus's 256 KB.
+    payload_threshold_bytes: int = Field(default=64 * 1024, ge=1, le=200 * 1024)
     # Orchestrator batch size: how many waiting events fold into one transaction.
     batch_size: int = Field(default=256, ge=1, le=10_000)
     # How long a receiver holds a message before it is redelivered.
@@ -33,13 +46,36 @@ class Settings(BaseSettings):
     runner_concurrency: int = Field(default=64, ge=1, le=10_000)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
 
+    @model_validator(mode="after")
+    def _adapters_have_what_they_need(self) -> Settings:
+        if self.bus == "servicebus" and not (
+            self.servicebus_connection_string or self.servicebus_namespace
+        ):
+            raise ValueError(
+                "SAGAFLOW_BUS=servicebus needs SAGAFLOW_SERVICEBUS_CONNECTION_STRING or "
+                "SAGAFLOW_SERVICEBUS_NAMESPACE"
+            )
+        if self.payloads == "azureblob" and not (
+            self.blob_connection_string or self.blob_account_url
+        ):
+            raise ValueError(
+                "SAGAFLOW_PAYLOADS=azureblob needs SAGAFLOW_BLOB_CONNECTION_STRING or "
+                "SAGAFLOW_BLOB_ACCOUNT_URL"
+            )
+        return self
+
 
 def load_settings() -> Settings:
     try:
         return Settings()
     except ValidationError as exc:
-        problems = "; ".join(
-            f"SAGAFLOW_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
-            for e in exc.errors()
-        )
+        problems = "; ".join(_describe(e) for e in exc.errors())
         raise SettingsError(f"invalid configuration: {problems}") from exc
+
+
+def _describe(error: Any) -> str:
+    """Name the variable: pydantic's location is the field, the user sets SAGAFLOW_<FIELD>."""
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if not error["loc"]:  # a rule across fields already names its variables
+        return message
+    return f"SAGAFLOW_{'_'.join(str(p) for p in error['loc']).upper()}: {message}"

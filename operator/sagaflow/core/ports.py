@@ -105,3 +105,44 @@ class TransactionalBus(Bus, Protocol):
     async def send_in(self, conn: Any, messages: Sequence[OutgoingMessage]) -> None: ...
 
     async def complete_in(self, conn: Any, messages: Sequence[ReceivedMessage]) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PayloadRef:
+    """Where a large payload lives, how big it is and what its content hashes to."""
+
+    uri: str
+    size: int
+    sha256: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"uri": self.uri, "size": self.size, "sha256": self.sha256}
+
+
+class PayloadError(Exception):
+    """Base of the claim-check errors: the payload behind a reference is not usable."""
+
+
+class PayloadMissingError(PayloadError):
+    """The blob or file a reference points to does not exist."""
+
+
+class PayloadIntegrityError(PayloadError):
+    """The stored bytes do not match the reference's size or SHA-256."""
+
+
+@runtime_checkable
+class PayloadStore(Protocol):
+    """Stores bytes under a key and returns a reference; resolves references to bytes."""
+
+    async def put(self, key: str, data: bytes) -> PayloadRef: ...
+
+    async def get(self, ref: PayloadRef) -> bytes:
+        """The bytes behind `ref`; PayloadMissingError / PayloadIntegrityError otherwise."""
+        ...
+
+    async def delete_prefix(self, prefix: str) -> int:
+        """Remove every payload whose key starts with `prefix`; return how many."""
+        ...
+
+    async def close(self) -> None: ...
