@@ -1,4 +1,4 @@
-"""The `sagaflow` command: `run` (local mode) and `runner` (a step runner process).
+"""The `sagaflow` command: `run` (local mode), `runner` (a step runner), `prune` (retention).
 
 Exit codes: 0 all executions completed, 1 some did not, 2 invalid input or
 configuration (nothing was started).
@@ -63,6 +63,22 @@ def _parser() -> argparse.ArgumentParser:
         help="attach to the embedded Postgres of this state dir "
         "(ignored when SAGAFLOW_DATABASE_URL is set)",
     )
+    prune = sub.add_parser(
+        "prune", help="delete finished executions older than a duration, with their payloads"
+    )
+    prune.add_argument(
+        "--older-than",
+        required=True,
+        metavar="DURATION",
+        help="finished more than this long ago, e.g. 30d, 12h (units: ms, s, m, h, d)",
+    )
+    prune.add_argument(
+        "--state-dir",
+        type=Path,
+        default=DEFAULT_STATE_DIR,
+        help="the embedded Postgres and local payloads of this state dir "
+        "(the database is ignored when SAGAFLOW_DATABASE_URL is set)",
+    )
     return parser
 
 
@@ -82,6 +98,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(
             run_local(args.files, args.runners, args.state_dir, args.output, settings)
         )
+    if args.command == "prune":
+        from sagaflow.local.prune import run_prune
+
+        return asyncio.run(run_prune(args.older_than, args.state_dir, settings))
     from sagaflow.local.runner import run_runner
 
     return asyncio.run(run_runner(args.modules, args.state_dir, settings))

@@ -48,3 +48,19 @@ async def pg_pool(pg_database: str) -> AsyncIterator[asyncpg.Pool]:
         yield pool
     finally:
         await pool.close()
+
+
+# -- Azurite (Azure Blob emulator) for the Azure payload store --------------------------
+from azurite import Azurite, install, missing_tools, running_azurite  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def azurite() -> Iterator[Azurite]:
+    """Azurite's blob service for the whole session, installed from npm on first use
+    (into the git-ignored `.cache/azurite`). Skipped only where node or npm is missing;
+    an install that fails is an error, not a skip."""
+    reason = missing_tools()
+    if reason is not None:
+        pytest.skip(reason)
+    with running_azurite(install()) as server:
+        yield server

@@ -251,6 +251,25 @@ async def test_completing_after_the_lock_expired_raises(harness: Harness, bus: B
     assert ids(await bus.receive(QUEUE, max_wait=harness.quick)) == ["m"]
 
 
+async def test_an_expired_session_is_received_again_in_order_across_receives(
+    harness: Harness, bus: Bus
+) -> None:
+    await bus.send([msg("s", "m1"), msg("s", "m2"), msg("s", "m3"), msg("t", "t1")])
+    first = await bus.receive(QUEUE, max_messages=2, max_wait=harness.quick)
+    assert ids(first) == ["m1", "m2"]
+    await harness.advance(LOCK_DURATION + 1)
+    other = harness.new_bus()
+    # A window smaller than what the session has pending: the rest waits its turn.
+    [again] = await other.receive(QUEUE, max_messages=1, max_wait=harness.quick)
+    assert (again.message_id, again.delivery_count) == ("m1", 2)
+    assert ids(await other.receive(QUEUE, max_wait=harness.quick)) == ["t1"]
+    await other.complete([again])
+    rest = await other.receive(QUEUE, max_wait=harness.quick)
+    assert [(m.message_id, m.delivery_count) for m in rest] == [("m2", 2), ("m3", 1)]
+    with pytest.raises(MessageLockLostError):
+        await bus.complete(first[1:])
+
+
 async def test_renewing_keeps_the_lock(harness: Harness, bus: Bus) -> None:
     await bus.send([msg("s", "m1"), msg("s", "m2")])
     got = await bus.receive(QUEUE, max_wait=harness.quick)

@@ -13,6 +13,10 @@ Rules that keep late, duplicated and reordered messages harmless:
 - once the execution is terminal nothing new is dispatched, but the result of an
   attempt that was already in flight is still recorded on its step, so the
   history says truthfully what the runners did.
+
+Outputs stored by reference (claim check, `sagaflow.core.payload_refs`) are kept in
+state as their small marker. Templates may pass such an output on whole; one that
+looks inside it fails the step with ExpressionError instead of reading null.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from sagaflow.core.facts import (
     TimerKind,
 )
 from sagaflow.core.manifests import ExecutionPhase, StepPhase
+from sagaflow.core.payload_refs import ReferenceAccessError, reveal, stand_in
 from sagaflow.core.state import ExecutionState, Failure, StepState
 
 WORKFLOW_TIMEOUT_KEY = "workflow-timeout"
@@ -347,13 +352,31 @@ def _advance(out: _Out) -> None:
         _complete(out)
 
 
-def _context(state: ExecutionState) -> dict[str, Any]:
+def _context(state: ExecutionState) -> tuple[dict[str, Any], bool]:
+    """The render context, and whether it holds stand-ins for outputs stored by reference."""
     outputs = {
-        name: {"output": s.output}
+        name: {"output": stand_in(name, s.output)}
         for name, s in state.steps.items()
         if s.phase is StepPhase.SUCCEEDED
     }
-    return {"input": state.input, "steps": outputs}
+    guarded = any(o["output"] is not state.steps[n].output for n, o in outputs.items())
+    return {"input": state.input, "steps": outputs}, guarded
+
+
+def _render_over(state: ExecutionState, value: Any, path: str) -> Any:
+    """Render `value`'s templates over the execution's input and step outputs.
+
+    An output stored by reference passes through whole as its marker; looking inside
+    it raises ExpressionError (never a silent null: the payload is not here).
+    """
+    context, guarded = _context(state)
+    try:
+        rendered = render(value, context, path=path)
+    except ReferenceAccessError as exc:
+        # Raised outside expression evaluation (text interpolation): no finer path.
+        raise ExpressionError(path, str(exc)) from exc
+    # The walk that swaps stand-ins back is skipped when there can be none.
+    return reveal(rendered) if guarded else rendered
 
 
 def _dispatch(out: _Out, step: StepState, spec: StepDef) -> None:
@@ -368,7 +391,7 @@ def _dispatch(out: _Out, step: StepState, spec: StepDef) -> None:
         next_retry_at=None,
     )
     try:
-        rendered = render(spec.input, _context(out.state), path=f"steps.{spec.name}.input")
+        rendered = _render_over(out.state, spec.input, f"steps.{spec.name}.input")
     except ExpressionError as exc:
         out.set_step(running)
         _failed(out, spec.name, attempt, Failure("ExpressionError", str(exc)), retryable=False)
@@ -437,12 +460,11 @@ def _start_wait(out: _Out, step: StepState, rendered: dict[str, Any]) -> None:
 
 
 def _complete(out: _Out) -> None:
-    context = _context(out.state)
     try:
         if out.definition.output is not None:
-            output = render(out.definition.output, context, path="spec.output")
+            output = _render_over(out.state, out.definition.output, "spec.output")
         else:
-            output = {name: context["steps"][name]["output"] for name in out.definition.sinks}
+            output = {name: out.state.steps[name].output for name in out.definition.sinks}
     except ExpressionError as exc:
         _finish(out, ExecutionPhase.FAILED, Failure("ExpressionError", str(exc)))
         return

@@ -2,7 +2,8 @@
 
 Pure and shared: local mode prints it, the operator mirrors it into the custom
 resource. Status is a view of Postgres, bounded in size: history stays in the
-database. Conditions follow Kubernetes API conventions (`Succeeded`).
+database. Conditions follow Kubernetes API conventions (`Succeeded`). A step output
+stored by reference shows as `outputRef` (uri, size, sha256), never its payload.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from sagaflow.core.manifests import API_VERSION, ExecutionPhase, StepPhase
+from sagaflow.core.payload_refs import is_ref, ref_of
 from sagaflow.core.state import ExecutionState, StepState
 
 _SUCCEEDED = {
@@ -32,7 +34,10 @@ def step_status(step: StepState) -> dict[str, Any]:
     if step.next_retry_at and step.phase is StepPhase.RETRYING:
         out["nextRetryAt"] = _ts(step.next_retry_at)
     if step.phase is StepPhase.SUCCEEDED and step.output is not None:
-        out["output"] = step.output
+        if is_ref(step.output):
+            out["outputRef"] = ref_of(step.output).to_json()
+        else:
+            out["output"] = step.output
     if step.error is not None:
         out["error"] = step.error.to_json()
     return out

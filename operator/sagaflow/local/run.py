@@ -27,6 +27,8 @@ from sagaflow.core.validation import ValidationResult
 from sagaflow.local.database import open_database
 from sagaflow.local.inputs import InvalidInputError, load_manifests
 from sagaflow.local.output import Progress, render
+from sagaflow.local.payloads import make_claim_check
+from sagaflow.runtime.claimcheck import ClaimCheck
 from sagaflow.runtime.orchestrator import Orchestrator
 from sagaflow.runtime.worker import RunnerWorker
 from sagaflow.settings import Settings
@@ -75,7 +77,13 @@ async def run_local(
             files, lambda t: t in BUILTIN_TYPES or registry.handler(t) is not None
         )
         with exclusive(state_dir):
-            return await _run(manifests, registry, state_dir, fmt, settings, out, err)
+            claim_check = make_claim_check(settings, state_dir)
+            try:
+                return await _run(
+                    manifests, registry, state_dir, fmt, settings, claim_check, out, err
+                )
+            finally:
+                await claim_check.close()
     except InvalidInputError as exc:
         for problem in exc.problems:
             print(f"error: {problem}", file=err)
@@ -88,6 +96,7 @@ async def _run(
     state_dir: Path,
     fmt: str,
     settings: Settings,
+    claim_check: ClaimCheck,
     out: TextIO,
     err: TextIO,
 ) -> int:
@@ -102,7 +111,9 @@ async def _run(
             # belong to a previous run that died, so hand their messages out again now
             # rather than after the lock duration.
             await bus.release_all_locks()
-        orchestrator = Orchestrator(PostgresStore(db.pool), bus, batch_size=settings.batch_size)
+        orchestrator = Orchestrator(
+            PostgresStore(db.pool), bus, batch_size=settings.batch_size, claim_check=claim_check
+        )
         try:
             for _doc, wf in manifests.workflows:
                 await orchestrator.apply_workflow(wf.metadata.namespace, wf.metadata.name, wf.spec)
@@ -113,7 +124,9 @@ async def _run(
                     meta.namespace, meta.name, ex.spec.workflow_ref.name, ex.spec.input
                 )
                 keys.append((meta.namespace, meta.name))
-            states = await _drive(orchestrator, bus, registry, db.dsn, keys, settings, err)
+            states = await _drive(
+                orchestrator, bus, registry, db.dsn, keys, settings, claim_check, err
+            )
         finally:
             await bus.close()
     print(render(states, fmt), file=out)
@@ -128,6 +141,7 @@ async def _drive(
     dsn: str,
     keys: list[tuple[str, str]],
     settings: Settings,
+    claim_check: ClaimCheck,
     err: TextIO,
 ) -> list[ExecutionState]:
     """Run the loops and in-process runners until every execution is terminal."""
@@ -136,7 +150,9 @@ async def _drive(
     await notes.start()
     tasks = [asyncio.create_task(orchestrator.run(stop, dsn))]
     if len(registry):
-        worker = RunnerWorker(bus, registry, concurrency=settings.runner_concurrency)
+        worker = RunnerWorker(
+            bus, registry, concurrency=settings.runner_concurrency, claim_check=claim_check
+        )
         tasks.append(asyncio.create_task(worker.run(stop)))
     progress = Progress(err)
     try:

@@ -17,9 +17,12 @@ from pathlib import Path
 from sagaflow.adapters.postgres.bus import PostgresBus
 from sagaflow.local.database import open_database
 from sagaflow.local.inputs import InvalidInputError
+from sagaflow.local.payloads import make_claim_check
 from sagaflow.local.run import EXIT_INVALID, load_runners
+from sagaflow.runtime.claimcheck import ClaimCheck
 from sagaflow.runtime.worker import RunnerWorker
 from sagaflow.settings import Settings
+from sagaflow_runner import Registry
 
 
 async def run_runner(modules: Sequence[str], state_dir: Path, settings: Settings) -> int:
@@ -34,6 +37,21 @@ async def run_runner(modules: Sequence[str], state_dir: Path, settings: Settings
             f"error: --module {', '.join(modules)}: no @step handlers registered", file=sys.stderr
         )
         return EXIT_INVALID
+    try:
+        claim_check = make_claim_check(settings, state_dir)
+    except InvalidInputError as exc:
+        print(f"error: {exc.problems[0]}", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        await _serve(registry, state_dir, settings, claim_check)
+    finally:
+        await claim_check.close()
+    return 0
+
+
+async def _serve(
+    registry: Registry, state_dir: Path, settings: Settings, claim_check: ClaimCheck
+) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -44,8 +62,10 @@ async def run_runner(modules: Sequence[str], state_dir: Path, settings: Settings
             lock_duration=settings.lock_duration_seconds,
             max_delivery_count=settings.max_delivery_count,
         )
+        worker = RunnerWorker(
+            bus, registry, concurrency=settings.runner_concurrency, claim_check=claim_check
+        )
         try:
-            await RunnerWorker(bus, registry, concurrency=settings.runner_concurrency).run(stop)
+            await worker.run(stop)
         finally:
             await bus.close()
-    return 0

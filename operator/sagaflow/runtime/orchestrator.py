@@ -10,6 +10,11 @@ and the bus can drop duplicates).
 
 Several events are folded into one transaction whenever they are waiting: the
 database's commit rate, not Python, is what bounds throughput.
+
+With a `ClaimCheck`, a dispatched step's rendered input that is too large for a
+message is stored by reference (`<attempt>/input`) as its command is built; state
+is not touched. Step outputs that arrive as references are kept in state as
+references, so execution rows stay small.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import logging
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -62,6 +67,7 @@ from sagaflow.core.ports import (
     utc_now,
 )
 from sagaflow.core.state import ExecutionState, new_execution
+from sagaflow.runtime.claimcheck import ClaimCheck
 
 log = logging.getLogger("sagaflow.orchestrator")
 
@@ -126,6 +132,7 @@ class Orchestrator:
         batch_size: int = 256,
         idle_wait: float = 5.0,
         consumers: int = 2,
+        claim_check: ClaimCheck | None = None,
     ) -> None:
         self.store = store
         self.bus = bus
@@ -136,6 +143,7 @@ class Orchestrator:
         # session locks and row locks keep them off each other's executions.
         self.consumers = consumers
         self.transactional = isinstance(bus, TransactionalBus)
+        self.claim_check = claim_check
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -303,18 +311,36 @@ class Orchestrator:
         conn = tx.conn
         await self.store.save(conn, applied, now)
         tx.states.extend(a.decision.state for a in applied if a.decision.applied)
-        commands = [
-            m
-            for a in applied
-            if a.decision.applied
-            for m in command_messages(a.decision.state, a.decision)
-        ]
+        decisions = [a.decision for a in applied if a.decision.applied]
+        if self.claim_check is not None:
+            decisions = [await self._offload_inputs(d) for d in decisions]
+        commands = [m for d in decisions for m in command_messages(d.state, d)]
         if not commands:
             return
         if self.transactional:
             await self.bus.send_in(conn, commands)  # type: ignore[attr-defined]
         else:
             await self.store.add_outbox(conn, commands, now)
+
+    async def _offload_inputs(self, decision: Decision) -> Decision:
+        """The decision with each dispatch's input stored by reference if it is large.
+
+        Runs inside the transaction, so a rollback may leave a stored input behind:
+        its key is the attempt's, and the retried transaction writes the same key.
+        """
+        if self.claim_check is None or not decision.dispatches:
+            return decision
+        eid = decision.state.execution_id
+        dispatches = [
+            replace(
+                d,
+                input=await self.claim_check.offload(
+                    d.input, f"{attempt_id(eid, d.step, d.attempt)}/input"
+                ),
+            )
+            for d in decision.dispatches
+        ]
+        return replace(decision, dispatches=tuple(dispatches))
 
     # -- the loops -------------------------------------------------------------------
     async def run(self, stop: asyncio.Event, dsn: str) -> None:

@@ -20,6 +20,11 @@ not hold a slot (and, by lock renewal, its command) forever.
 
 On `stop` the loops stop receiving, handlers get `grace_period` seconds, then are
 cancelled and their commands abandoned. Each message is settled once.
+
+With a `ClaimCheck` (see the section at the end) the handler is wrapped: references
+in its input are resolved before it runs, and a large output or a long error message
+is stored by reference before the result is sent. Both happen inside the attempt
+(deadline, lock renewal, shutdown cancel), since moving 50 MB can take a while.
 """
 
 from __future__ import annotations
@@ -39,15 +44,26 @@ from sagaflow.core.messages import (
     commands_queue,
     decode_command,
 )
+from sagaflow.core.payload_refs import ref_of
 from sagaflow.core.ports import (
     Bus,
     Clock,
     MessageLockLostError,
     OutgoingMessage,
+    PayloadIntegrityError,
+    PayloadMissingError,
     ReceivedMessage,
     utc_now,
 )
-from sagaflow_runner import Handler, Registry, StepContext, StepError
+from sagaflow.runtime.claimcheck import ClaimCheck
+from sagaflow_runner import (
+    Handler,
+    PermanentError,
+    Registry,
+    RetryableError,
+    StepContext,
+    StepError,
+)
 
 log = logging.getLogger("sagaflow.runner")
 
@@ -73,6 +89,7 @@ class RunnerWorker:
         receive_wait: float = 5.0,
         flush_interval: float = 0.002,
         flush_max: int = 100,
+        claim_check: ClaimCheck | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {concurrency}")
@@ -93,6 +110,7 @@ class RunnerWorker:
         self._running: dict[asyncio.Task[None], ReceivedMessage] = {}  # inside a handler
         self._background: set[asyncio.Task[None]] = set()  # lock renewals in flight
         self._to_abandon: list[ReceivedMessage] = []
+        self._claim_check = claim_check
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve commands until `stop` is set, then shut down gracefully."""
@@ -206,6 +224,8 @@ class RunnerWorker:
             description = f"no handler for step type {cmd.type!r} here (serves: {served})"
             await self._dead_letter(message, "UnknownStepType", description)
             return
+        if self._claim_check is not None:
+            handler = _claim_checked(handler, self._claim_check)
         if deadline is not None and deadline <= self._clock():
             log.info("deadline passed before start, not running: %s", _who(cmd))
             await self._settler.settle(None, message)
@@ -502,3 +522,69 @@ def _parse_deadline(value: object) -> datetime | None:
         raise MalformedMessageError(f"deadline: {exc}") from exc
     # A deadline without an offset is taken as UTC, the orchestrator's clock.
     return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+# -- claim check: payloads by reference -----------------------------------------------
+# Kept apart from the worker's delivery logic: a wrapper around the handler, so
+# resolving and storing run inside the attempt exactly as the handler does, and
+# their failures become StepFailed results through the usual path.
+
+# What a reference that cannot be resolved means for the attempt: the same command
+# can never succeed when its payload is gone or corrupt; a store that failed may work
+# on the next attempt.
+_UNUSABLE = {PayloadMissingError: "PayloadMissing", PayloadIntegrityError: "PayloadIntegrity"}
+
+
+def _claim_checked(handler: Handler, claim_check: ClaimCheck) -> Handler:
+    async def run(input: dict[str, Any], ctx: StepContext) -> dict[str, Any] | None:
+        try:
+            resolved = await claim_check.resolve(input)
+        except Exception as exc:
+            kind = next((t for c, t in _UNUSABLE.items() if isinstance(exc, c)), None)
+            if kind is not None:
+                raise PermanentError(f"step input: {exc}", type=kind) from exc
+            raise RetryableError(f"step input: {exc}", type="PayloadUnavailable") from exc
+        try:
+            output = await handler(resolved, ctx)
+        except Exception as exc:
+            replacement = await _with_long_message_stored(exc, claim_check, ctx)
+            if replacement is exc:
+                raise
+            raise replacement from exc
+        if not isinstance(output, dict):
+            return output  # the worker reports InvalidOutput
+        try:
+            return await claim_check.offload(output, f"{ctx.idempotency_key}/output")
+        except (TypeError, ValueError):
+            return output  # not JSON: the worker reports InvalidOutput when encoding
+        except Exception as exc:
+            raise RetryableError(
+                f"storing the step output failed: {exc}", type="PayloadUnavailable"
+            ) from exc
+
+    return run
+
+
+async def _with_long_message_stored(
+    exc: Exception, claim_check: ClaimCheck, ctx: StepContext
+) -> Exception:
+    """`exc`, or when its message is too long for the event, a StepError of the same
+    type and retryability whose message ends with the reference to the full text."""
+    message = str(exc)
+    if len(message) <= MAX_ERROR_MESSAGE:
+        return exc
+    try:
+        marker = await claim_check.store_always(
+            {"message": message}, f"{ctx.idempotency_key}/error"
+        )
+    except Exception as store_exc:
+        log.warning("storing a long error message failed, truncating it: %s", store_exc)
+        return exc
+    ref = ref_of(marker)
+    suffix = f" ... [full message, {ref.size} bytes: {ref.uri}]"
+    short = message[: max(0, MAX_ERROR_MESSAGE - len(suffix))] + suffix
+    if isinstance(exc, StepError):
+        kind = RetryableError if exc.retryable else PermanentError
+        return kind(short, type=exc.type)
+    log.debug("handler traceback: %s", ctx.idempotency_key, exc_info=exc)
+    return RetryableError(short, type=type(exc).__name__)

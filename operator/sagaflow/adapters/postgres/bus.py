@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -56,69 +57,18 @@ WITH ins AS (
 SELECT pg_notify('sagaflow_bus', d.queue) FROM (SELECT DISTINCT queue FROM ins) AS d
 """
 
-# $1 queue, $2 now, $3 max messages, $4 locked until, $5 max delivery count.
-# `win`: the first available messages in send order, in sessions nobody holds. For
-# each session they are its oldest available messages, so FIFO holds. `sess` locks
-# those sessions; ON CONFLICT re-checks the lock against the latest committed row,
-# so of two concurrent receivers only one gets a session. Messages of won sessions
-# are then dead-lettered (too many deliveries) or locked and returned. Rows: 'm' a
-# message, 's' a won session that got no message (to release), 'w' the window size.
-_RECEIVE = """
-WITH win AS (
-    SELECT m.seq, m.session_id
-    FROM bus_messages m
-    WHERE m.queue = $1
-      AND (m.visible_at IS NULL OR m.visible_at <= $2)
-      AND (m.locked_until IS NULL OR m.locked_until <= $2)
-      AND NOT EXISTS (
-          SELECT 1 FROM bus_sessions s
-          WHERE s.queue = $1 AND s.session_id = m.session_id AND s.locked_until > $2)
-    ORDER BY m.seq
-    LIMIT $3
-), sess AS (
-    INSERT INTO bus_sessions AS s (queue, session_id, lock_token, locked_until)
-    SELECT $1, w.session_id, gen_random_uuid(), $4
-    FROM (SELECT DISTINCT session_id FROM win) AS w
-    ORDER BY w.session_id
-    ON CONFLICT (queue, session_id) DO UPDATE
-        SET lock_token = excluded.lock_token, locked_until = excluded.locked_until
-        WHERE s.locked_until <= $2
-    RETURNING s.session_id, s.lock_token
-), ours AS (
-    SELECT win.seq, sess.lock_token FROM win JOIN sess USING (session_id)
-), dead AS (
-    DELETE FROM bus_messages m USING ours
-    WHERE m.queue = $1 AND m.seq = ours.seq AND m.delivery_count >= $5
-      AND (m.locked_until IS NULL OR m.locked_until <= $2)
-    RETURNING m.message_id, m.session_id, m.body, m.delivery_count, m.enqueued_at
-), buried AS (
-    INSERT INTO bus_dead_letters (queue, message_id, session_id, body, reason, description,
-                                  delivery_count, enqueued_at, dead_lettered_at)
-    SELECT $1, message_id, session_id, body, 'MaxDeliveryCountExceeded', format(
-           'delivered %s times, the maximum', delivery_count), delivery_count, enqueued_at, $2
-    FROM dead
-), got AS (
-    UPDATE bus_messages m
-    SET lock_token = ours.lock_token, locked_until = $4, delivery_count = m.delivery_count + 1
-    FROM ours
-    WHERE m.queue = $1 AND m.seq = ours.seq AND m.delivery_count < $5
-      AND (m.locked_until IS NULL OR m.locked_until <= $2)
-    RETURNING m.*
-)
-SELECT 'm' AS kind, seq, message_id, session_id, body, delivery_count, enqueued_at, lock_token
-FROM got
-UNION ALL
-SELECT 's', NULL, NULL, sess.session_id, NULL, NULL, NULL, sess.lock_token FROM sess
-WHERE NOT EXISTS (SELECT 1 FROM got WHERE got.session_id = sess.session_id)
-UNION ALL
-SELECT 'w', count(*), NULL, NULL, NULL, NULL, NULL, NULL FROM win
-"""
+# $1 queue, $2 now, $3 max messages, $4 locked until, $5 max delivery count, $6 the
+# receive's lock token. The statement is `bus_receive` in the migration, which says
+# what it does and why it is a function. Rows: 'm' a message; one 'w' with the size
+# of the window and the sessions won (those that got no message are to be released).
+_RECEIVE = "SELECT * FROM bus_receive($1, $2, $3, $4, $5, $6)"
 
 # Lock order, to stay free of deadlocks: every statement locks session rows first,
-# in (queue, session_id) order, then messages. A receive inserts its sessions sorted
-# (ON CONFLICT locks even the rows it fails to take); settling locks its sessions
-# with a sorted FOR UPDATE and touches messages only after that (`_AFTER_LOCKING` is
-# a one-time gate evaluated before the first message row).
+# in (queue, session_id) order, then messages. A receive (`bus_receive`) inserts its
+# sessions sorted (ON CONFLICT locks even the rows it fails to take) and reads them
+# all back before it touches a message; settling locks its sessions with a sorted
+# FOR UPDATE and touches messages only after that (`_AFTER_LOCKING` is a one-time
+# gate evaluated before the first message row).
 _AFTER_LOCKING = "(SELECT count(*) FROM locked) >= 0"
 
 # $1 queue, $2 now: when may a waiting receiver find something without a notification?
@@ -303,19 +253,24 @@ class PostgresBus:
         for _ in range(_RECEIVE_ATTEMPTS):
             now = self._clock()
             until = now + self._lock_duration
+            # One token for every session this receive locks: settling always names
+            # the session too, and sessions are locked by one receive at a time.
+            token = uuid.uuid4()
             async with self._pool.acquire() as conn:
                 rows = await conn.fetch(
-                    _RECEIVE, queue, now, max_messages, until, self._max_delivery_count
+                    _RECEIVE, queue, now, max_messages, until, self._max_delivery_count, token
                 )
-                messages = [_received(queue, row, until) for row in rows if row["kind"] == "m"]
-                idle = [row for row in rows if row["kind"] == "s"]
+                messages = [
+                    _received(queue, row, until, str(token)) for row in rows if row["kind"] == "m"
+                ]
+                summary = next(row for row in rows if row["kind"] == "w")
+                idle = set(summary["won"] or ()) - {m.session_id for m in messages}
                 if idle:
                     # Won sessions whose messages went meanwhile (or to the dead letters):
                     # abandon no message (seq 0 is never used) to release them.
-                    sessions = [(queue, 0, r["lock_token"], r["session_id"]) for r in idle]
+                    sessions = [(queue, 0, token, session) for session in sorted(idle)]
                     await conn.fetchrow(_ABANDON, *_columns(sessions))
-            window = next(row["seq"] for row in rows if row["kind"] == "w")
-            if messages or window == 0:
+            if messages or summary["seq"] == 0:
                 return sorted(messages, key=lambda m: int(m.handle))
         return []
 
@@ -412,8 +367,14 @@ class PostgresBus:
                 conn = await asyncpg.connect(self._listen_dsn)
             else:
                 conn = await self._pool.acquire()
-            await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
-            conn.add_termination_listener(self._on_listener_lost)
+            try:
+                await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
+                conn.add_termination_listener(self._on_listener_lost)
+            except BaseException:
+                # Cancelled (a receive stopped at shutdown) or failed mid-setup: give the
+                # connection back, or closing the pool would wait for it forever.
+                await asyncio.shield(self._drop_connection(conn))
+                raise
             self._listener = conn
 
     def _on_notify(self, _conn: Any, _pid: int, _channel: str, queue: str) -> None:
@@ -455,7 +416,7 @@ class PostgresBus:
                 await self._pool.release(conn)
 
 
-def _received(queue: str, row: Any, locked_until: datetime) -> ReceivedMessage:
+def _received(queue: str, row: Any, locked_until: datetime, lock_token: str) -> ReceivedMessage:
     return ReceivedMessage(
         queue=queue,
         message_id=row["message_id"],
@@ -464,6 +425,6 @@ def _received(queue: str, row: Any, locked_until: datetime) -> ReceivedMessage:
         delivery_count=row["delivery_count"],
         enqueued_at=row["enqueued_at"],
         locked_until=locked_until,
-        lock_token=str(row["lock_token"]),
+        lock_token=lock_token,
         handle=row["seq"],
     )

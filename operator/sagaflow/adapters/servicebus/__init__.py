@@ -1,0 +1,44 @@
+"""The Azure Service Bus adapter: the production `Bus` (`ServiceBusBus`), the narrow
+client interface it is written against (`SessionClient`) with its SDK implementation,
+and the topology helper an operator runs on request (`create_topology`).
+
+See `docs/servicebus.md` for the queues, sessions, auth and size limits.
+"""
+
+from sagaflow.adapters.servicebus.bus import (
+    STANDARD_TIER_MAX_BYTES,
+    BusOptions,
+    ServiceBusBus,
+    topology_queues,
+)
+from sagaflow.adapters.servicebus.client import (
+    AzureSessionClient,
+    Delivery,
+    MessageTooLargeError,
+    RetryPolicy,
+    ServiceBusAdapterError,
+    ServiceBusTransientError,
+    SessionClient,
+    SessionReceiver,
+    TopologyError,
+    WireMessage,
+    create_topology,
+)
+
+__all__ = [
+    "STANDARD_TIER_MAX_BYTES",
+    "AzureSessionClient",
+    "BusOptions",
+    "Delivery",
+    "MessageTooLargeError",
+    "RetryPolicy",
+    "ServiceBusAdapterError",
+    "ServiceBusBus",
+    "ServiceBusTransientError",
+    "SessionClient",
+    "SessionReceiver",
+    "TopologyError",
+    "WireMessage",
+    "create_topology",
+    "topology_queues",
+]
