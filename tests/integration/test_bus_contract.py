@@ -20,6 +20,13 @@ from typing import Any
 import asyncpg
 import pytest
 from pg import FakeClock, fresh_database
+from servicebus_contract import (
+    ENV,
+    FakeServiceBus,
+    create_test_topology,
+    fake_servicebus_bus,
+    servicebus_bus_from_env,
+)
 
 from sagaflow.adapters.postgres.bus import PostgresBus
 from sagaflow.core.ports import (
@@ -67,13 +74,53 @@ class Harness:
 
 
 def _adapters() -> list[Any]:
-    adapters: list[Any] = ["postgres"]
-    if os.environ.get("SAGAFLOW_TEST_SERVICEBUS"):
-        # >>> Azure Service Bus goes here: a harness over a real namespace whose queue
-        # QUEUE is session-enabled with LOCK_DURATION and MAX_DELIVERY_COUNT, where
-        # `advance` sleeps, `transaction` is None and `quick` is about a second.
-        adapters.append(pytest.param("servicebus", marks=pytest.mark.skip("not written yet")))
+    # The Service Bus adapter runs over an in-memory fake of its narrow client always,
+    # and over a real namespace when SAGAFLOW_TEST_SERVICEBUS holds a connection string.
+    adapters: list[Any] = ["postgres", "servicebus-fake"]
+    if os.environ.get(ENV):
+        adapters.append("servicebus")
     return adapters
+
+
+@asynccontextmanager
+async def _servicebus_fake_harness() -> AsyncIterator[Harness]:
+    clock = FakeClock()
+    namespace = FakeServiceBus(
+        clock, lock_duration=LOCK_DURATION, max_delivery_count=MAX_DELIVERY_COUNT, wait=True
+    )
+
+    async def advance(seconds: float) -> None:
+        clock.advance(seconds)
+
+    harness = Harness(lambda _n: fake_servicebus_bus(namespace), clock, advance, None)
+    try:
+        yield harness
+    finally:
+        for bus in harness.buses:
+            await bus.close()
+
+
+@asynccontextmanager
+async def _servicebus_harness() -> AsyncIterator[Harness]:
+    """A real namespace: time passes for real, so `advance` sleeps (slow, by nature)."""
+    await create_test_topology(
+        [QUEUE], lock_duration=LOCK_DURATION, max_delivery_count=MAX_DELIVERY_COUNT
+    )
+
+    def make_bus(_n: int) -> Bus:
+        bus = servicebus_bus_from_env()
+        assert bus is not None
+        return bus
+
+    async def advance(seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+    harness = Harness(make_bus, lambda: datetime.now(UTC), advance, None, quick=1.0)
+    try:
+        yield harness
+    finally:
+        for bus in harness.buses:
+            await bus.close()
 
 
 @asynccontextmanager
@@ -112,9 +159,13 @@ async def _postgres_harness(server_dsn: str) -> AsyncIterator[Harness]:
 
 @pytest.fixture(params=_adapters())
 async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
-    if request.param != "postgres":
-        raise NotImplementedError(f"no harness for {request.param}")
-    async with _postgres_harness(request.getfixturevalue("pg_dsn")) as harness:
+    if request.param == "postgres":
+        factory = _postgres_harness(request.getfixturevalue("pg_dsn"))
+    elif request.param == "servicebus-fake":
+        factory = _servicebus_fake_harness()
+    else:
+        factory = _servicebus_harness()
+    async with factory as harness:
         yield harness
 
 

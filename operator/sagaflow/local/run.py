@@ -22,8 +22,10 @@ from sagaflow.adapters.postgres.bus import PostgresBus
 from sagaflow.adapters.postgres.notify import Notifications
 from sagaflow.adapters.postgres.store import EXECUTIONS_CHANNEL, PostgresStore
 from sagaflow.core.definition import BUILTIN_TYPES
+from sagaflow.core.ports import Bus
 from sagaflow.core.state import ExecutionState
 from sagaflow.core.validation import ValidationResult
+from sagaflow.local.buses import make_bus
 from sagaflow.local.database import open_database
 from sagaflow.local.inputs import InvalidInputError, load_manifests
 from sagaflow.local.output import Progress, render
@@ -101,12 +103,8 @@ async def _run(
     err: TextIO,
 ) -> int:
     async with open_database(settings, state_dir) as db:
-        bus = PostgresBus(
-            db.pool,
-            lock_duration=settings.lock_duration_seconds,
-            max_delivery_count=settings.max_delivery_count,
-        )
-        if db.embedded:
+        bus = make_bus(settings, db.pool)
+        if db.embedded and isinstance(bus, PostgresBus):
             # This process owns the state dir (see `exclusive`): locks left in the bus
             # belong to a previous run that died, so hand their messages out again now
             # rather than after the lock duration.
@@ -136,7 +134,7 @@ async def _run(
 
 async def _drive(
     orchestrator: Orchestrator,
-    bus: PostgresBus,
+    bus: Bus,
     registry: Registry,
     dsn: str,
     keys: list[tuple[str, str]],

@@ -9,12 +9,13 @@ are abandoned for redelivery.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from sagaflow.adapters.postgres.bus import PostgresBus
+from sagaflow.local.buses import make_bus
 from sagaflow.local.database import open_database
 from sagaflow.local.inputs import InvalidInputError
 from sagaflow.local.payloads import make_claim_check
@@ -56,16 +57,13 @@ async def _serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with open_database(settings, state_dir) as db:
-        bus = PostgresBus(
-            db.pool,
-            lock_duration=settings.lock_duration_seconds,
-            max_delivery_count=settings.max_delivery_count,
-        )
+    async with contextlib.AsyncExitStack() as stack:
+        pool = None
+        if settings.bus == "postgres":  # the embedded bus lives in the state database
+            pool = (await stack.enter_async_context(open_database(settings, state_dir))).pool
+        bus = make_bus(settings, pool)
+        stack.push_async_callback(bus.close)
         worker = RunnerWorker(
             bus, registry, concurrency=settings.runner_concurrency, claim_check=claim_check
         )
-        try:
-            await worker.run(stop)
-        finally:
-            await bus.close()
+        await worker.run(stop)
