@@ -69,7 +69,7 @@ async def run(dsn: str, state_dir: Path, executions: int, steps: int, batch: int
     async with pool.acquire() as conn:
         await migrate(conn)
     bus = PostgresBus(pool)
-    orch = TimedOrchestrator(PostgresStore(pool), bus, batch_size=batch, consumers=3)
+    orch = TimedOrchestrator(PostgresStore(pool), bus, batch_size=batch)
     orch.latencies = []
     env = dict(os.environ, SAGAFLOW_RUNNER_CONCURRENCY="256")
     if "SAGAFLOW_DATABASE_URL" not in os.environ:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
+from sagaflow.core.decisions import Decision, Dispatch, Record, Timer
 from sagaflow.core.definition import FAIL, PASS, WAIT, Definition, StepDef
 from sagaflow.core.durations import parse_duration
 from sagaflow.core.expressions import ExpressionError, render
@@ -43,54 +44,11 @@ from sagaflow.core.payload_refs import ReferenceAccessError, reveal, stand_in
 from sagaflow.core.state import ExecutionState, Failure, StepState
 
 WORKFLOW_TIMEOUT_KEY = "workflow-timeout"
+__all__ = ["WORKFLOW_TIMEOUT_KEY", "Decision", "Dispatch", "Record", "Timer", "decide", "timer_key"]
 
 
 def timer_key(kind: TimerKind, step: str, attempt: int) -> str:
     return f"{kind}:{step}:{attempt}"
-
-
-@dataclass(frozen=True, slots=True)
-class Dispatch:
-    step: str
-    attempt: int
-    type: str
-    input: dict[str, Any]
-    deadline: datetime | None
-    heartbeat_timeout: float | None
-
-
-@dataclass(frozen=True, slots=True)
-class Timer:
-    key: str
-    kind: TimerKind
-    step: str
-    attempt: int
-    due_at: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    """One line of an execution's history (and, later, a Kubernetes Event)."""
-
-    kind: str
-    message: str
-    step: str | None = None
-    attempt: int | None = None
-    data: dict[str, Any] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    state: ExecutionState
-    dispatches: tuple[Dispatch, ...] = ()
-    timers: tuple[Timer, ...] = ()
-    cancel_timers: tuple[str, ...] = ()
-    records: tuple[Record, ...] = ()
-    ignored: str | None = None  # why the fact changed nothing, if it did not
-
-    @property
-    def applied(self) -> bool:
-        return self.ignored is None
 
 
 @dataclass

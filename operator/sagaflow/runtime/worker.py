@@ -30,11 +30,9 @@ is stored by reference before the result is sent. Both happen inside the attempt
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 from sagaflow.core.messages import (
     EVENTS_QUEUE,
@@ -55,6 +53,7 @@ from sagaflow.core.ports import (
     ReceivedMessage,
     utc_now,
 )
+from sagaflow.runtime.batching import Settler, Slots, abandon, until
 from sagaflow.runtime.claimcheck import ClaimCheck
 from sagaflow_runner import (
     Handler,
@@ -67,7 +66,6 @@ from sagaflow_runner import (
 
 log = logging.getLogger("sagaflow.runner")
 
-T = TypeVar("T")
 ResultKind = Literal["StepCompleted", "StepFailed", "StepHeartbeat"]
 # Error messages travel in events and land in execution status; keep them small.
 MAX_ERROR_MESSAGE = 2000
@@ -104,8 +102,8 @@ class RunnerWorker:
         self._renew_fraction = lock_renew_fraction
         self._grace_period = grace_period
         self._receive_wait = receive_wait
-        self._slots = _Slots(concurrency)
-        self._settler = _Settler(bus, flush_interval, flush_max, lambda: bool(self._running))
+        self._slots = Slots(concurrency)
+        self._settler = Settler(bus, flush_interval, flush_max, lambda: bool(self._running))
         self._tasks: set[asyncio.Task[None]] = set()  # one per received command
         self._running: dict[asyncio.Task[None], ReceivedMessage] = {}  # inside a handler
         self._background: set[asyncio.Task[None]] = set()  # lock renewals in flight
@@ -143,11 +141,11 @@ class RunnerWorker:
         failures = 0
         try:
             while not stop.is_set():
-                taken = await _until(stopped, self._slots.take(want))
+                taken = await until(stopped, self._slots.take(want))
                 if taken is None:
                     return
                 try:
-                    received = await _until(
+                    received = await until(
                         stopped,
                         self._bus.receive(
                             queue,
@@ -169,7 +167,7 @@ class RunnerWorker:
                 self._slots.give(taken - len(received))
                 if stop.is_set():
                     # Received as we were told to stop: hand them straight back.
-                    await _abandon(self._bus, received)
+                    await abandon(self._bus, received)
                     self._slots.give(len(received))
                     return
                 now = self._clock()
@@ -195,10 +193,10 @@ class RunnerWorker:
                 await asyncio.wait(set(self._tasks))
             if self._background:
                 await asyncio.wait(set(self._background))
-            abandon, self._to_abandon = self._to_abandon, []
-            if abandon:
-                log.info("abandoned %d running commands for redelivery", len(abandon))
-                await _abandon(self._bus, abandon)
+            leftover, self._to_abandon = self._to_abandon, []
+            if leftover:
+                log.info("abandoned %d running commands for redelivery", len(leftover))
+                await abandon(self._bus, leftover)
 
     async def _process(self, message: ReceivedMessage, received_at: datetime) -> None:
         try:
@@ -356,120 +354,6 @@ class _Attempt:
 
 
 # A finished attempt waiting to be settled: its event (if any), its command, a done signal.
-_Item = tuple[OutgoingMessage | None, ReceivedMessage, "asyncio.Future[None]"]
-
-
-class _Settler:
-    """Settles finished attempts in batches: one `reply` sends the results and completes
-    the commands."""
-
-    def __init__(self, bus: Bus, interval: float, max_batch: int, busy: Callable[[], bool]) -> None:
-        self._bus = bus
-        self._busy = busy
-        self._interval = interval
-        self._max = max_batch
-        self._pending: list[_Item] = []
-        self._arrived = asyncio.Event()
-        self._full = asyncio.Event()
-
-    async def settle(self, result: OutgoingMessage | None, message: ReceivedMessage) -> None:
-        """Send `result` (if any) and complete `message`; returns once done."""
-        done = asyncio.get_running_loop().create_future()
-        self._pending.append((result, message, done))
-        self._arrived.set()
-        if len(self._pending) >= self._max:
-            self._full.set()
-        await done
-
-    async def run(self) -> None:
-        carried_over = False
-        while True:
-            await self._arrived.wait()
-            if not carried_over and len(self._pending) < self._max and self._busy():
-                # Linger briefly while handlers run, so attempts finishing together share
-                # a round trip; items that queued during the last flush waited enough.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._full.wait(), self._interval)
-            batch, self._pending = self._pending[: self._max], self._pending[self._max :]
-            if len(self._pending) < self._max:
-                self._full.clear()
-            if not self._pending:
-                self._arrived.clear()
-            await self._flush(batch)
-            carried_over = bool(self._pending)
-
-    async def _flush(self, batch: list[_Item]) -> None:
-        try:
-            await _reply(self._bus, [(result, message) for result, message, _ in batch])
-        finally:
-            for _, _, done in batch:
-                if not done.done():
-                    done.set_result(None)
-
-
-class _Slots:
-    """Free handler slots, shared by every receive loop of a worker."""
-
-    def __init__(self, free: int) -> None:
-        self.free = free
-        self._freed = asyncio.Event()
-
-    async def take(self, most: int) -> int:
-        """Wait for at least one free slot, then take up to `most`."""
-        while self.free <= 0:
-            self._freed.clear()
-            await self._freed.wait()
-        taken = min(self.free, most)
-        self.free -= taken
-        return taken
-
-    def give(self, count: int) -> None:
-        self.free += count
-        if count:
-            self._freed.set()
-
-
-async def _until(stopped: asyncio.Future[Any], awaitable: Awaitable[T]) -> T | None:
-    """Await `awaitable` unless `stopped` finishes first (then cancel it, return None)."""
-    task = asyncio.ensure_future(awaitable)
-    try:
-        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        if not task.done():
-            task.cancel()
-            await asyncio.wait({task})
-    if task.cancelled():
-        return None
-    return task.result()
-
-
-async def _reply(bus: Bus, items: Sequence[tuple[OutgoingMessage | None, ReceivedMessage]]) -> None:
-    """Send the results and complete the commands of a batch in one `reply`."""
-    results = [result for result, _ in items if result is not None]
-    commands = [message for _, message in items]
-    try:
-        await bus.reply(commands, results)
-    except MessageLockLostError:
-        if len(items) == 1:
-            log.info("lock lost before completing %s; dropped", commands[0].message_id)
-        else:  # one lost lock in the batch: settle one by one so the others still do
-            for item in items:
-                await _reply(bus, [item])
-    except Exception:
-        log.exception("settling %d commands failed; abandoning them for a rerun", len(items))
-        await _abandon(bus, commands)
-
-
-async def _abandon(bus: Bus, messages: Sequence[ReceivedMessage]) -> None:
-    if not messages:
-        return
-    try:
-        await bus.abandon(messages)
-    except Exception as exc:
-        # Their locks expire instead; redelivery just comes later.
-        log.warning("abandoning %d commands failed: %s", len(messages), exc)
-
-
 def _event(cmd: ExecuteStep, result: StepResult) -> OutgoingMessage:
     try:
         body = result.encode()

@@ -1,0 +1,109 @@
+"""The write side of a transition batch: one statement per table per batch.
+
+Array parameters (`unnest`) turn a batch of decisions into a handful of statements,
+because round trips and commits, not Python, bound the orchestrator's throughput.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from sagaflow.core.decisions import Timer
+from sagaflow.core.state import ExecutionState
+
+# Notified when timers change, so the timer loop recomputes when to wake.
+TIMERS_CHANNEL = "sagaflow_timers"
+
+
+async def write_states(
+    conn: asyncpg.Connection, finals: dict[str, ExecutionState], now: datetime
+) -> None:
+    if not finals:
+        return
+    states = list(finals.values())
+    await conn.execute(
+        "UPDATE sagaflow_executions e SET state = t.s::jsonb, phase = t.p, revision = t.r, "
+        "updated_at = $5 FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[]) "
+        "AS t(i, s, p, r) WHERE e.execution_id = t.i",
+        [s.execution_id for s in states],
+        [json.dumps(s.to_json()) for s in states],
+        [s.phase.value for s in states],
+        [s.revision for s in states],
+        now,
+    )
+
+
+async def write_history(
+    conn: asyncpg.Connection, rows: list[tuple[Any, ...]], now: datetime
+) -> None:
+    if not rows:
+        return
+    cols = list(zip(*rows, strict=True))
+    await conn.execute(
+        "INSERT INTO sagaflow_history (execution_id, at, kind, step, attempt, message, data) "
+        "SELECT i, $7, k, s, a, m, d::jsonb FROM unnest($1::text[], $2::text[], $3::text[], "
+        "$4::int[], $5::text[], $6::text[]) WITH ORDINALITY AS t(i, k, s, a, m, d, o) "
+        "ORDER BY o",
+        *[list(c) for c in cols],
+        now,
+    )
+
+
+async def write_attempts(
+    conn: asyncpg.Connection, rows: dict[tuple[str, str, int], list[Any]]
+) -> None:
+    if not rows:
+        return
+    cols = list(zip(*rows.values(), strict=True))
+    await conn.execute(
+        "INSERT INTO sagaflow_step_attempts (execution_id, step, attempt, status, "
+        "dispatched_at, finished_at, error_type, error_message) "
+        "SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], "
+        "$5::timestamptz[], $6::timestamptz[], $7::text[], $8::text[]) "
+        "ON CONFLICT (execution_id, step, attempt) DO UPDATE SET status = excluded.status, "
+        "finished_at = excluded.finished_at, error_type = excluded.error_type, "
+        "error_message = excluded.error_message",
+        *[list(c) for c in cols],
+    )
+
+
+async def write_timers(
+    conn: asyncpg.Connection, timers: dict[tuple[str, str], Timer | None]
+) -> None:
+    dropped = [k for k, t in timers.items() if t is None]
+    kept = [(k[0], t) for k, t in timers.items() if t is not None]
+    if dropped:
+        await conn.execute(
+            "DELETE FROM sagaflow_timers t USING unnest($1::text[], $2::text[]) AS d(i, k) "
+            "WHERE t.execution_id = d.i AND t.key = d.k",
+            [k[0] for k in dropped],
+            [k[1] for k in dropped],
+        )
+    if kept:
+        await conn.execute(
+            "INSERT INTO sagaflow_timers (execution_id, key, kind, step, attempt, due_at) "
+            "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], "
+            "$5::int[], $6::timestamptz[]) ON CONFLICT (execution_id, key) "
+            "DO UPDATE SET due_at = excluded.due_at",
+            [e for e, _ in kept],
+            [t.key for _, t in kept],
+            [t.kind for _, t in kept],
+            [t.step for _, t in kept],
+            [t.attempt for _, t in kept],
+            [t.due_at for _, t in kept],
+        )
+        await conn.execute("SELECT pg_notify($1, '')", TIMERS_CHANNEL)
+
+
+async def write_outcomes(conn: asyncpg.Connection, outcomes: list[tuple[str, str]]) -> None:
+    if outcomes:
+        await conn.execute(
+            "UPDATE sagaflow_inbox i SET outcome = t.o FROM unnest($1::text[], $2::text[]) "
+            "AS t(m, o) WHERE i.message_id = t.m",
+            [m for m, _ in outcomes],
+            [o for _, o in outcomes],
+        )

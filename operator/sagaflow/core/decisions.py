@@ -1,0 +1,58 @@
+"""What the engine decides: steps to dispatch, timers to set, history to record.
+
+The output side of `sagaflow.core.engine.decide`, kept apart from the rules that
+produce it so adapters can depend on these shapes without the engine's internals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sagaflow.core.facts import TimerKind
+from sagaflow.core.state import ExecutionState
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    step: str
+    attempt: int
+    type: str
+    input: dict[str, Any]
+    deadline: datetime | None
+    heartbeat_timeout: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Timer:
+    key: str
+    kind: TimerKind
+    step: str
+    attempt: int
+    due_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One line of an execution's history (and, later, a Kubernetes Event)."""
+
+    kind: str
+    message: str
+    step: str | None = None
+    attempt: int | None = None
+    data: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    state: ExecutionState
+    dispatches: tuple[Dispatch, ...] = ()
+    timers: tuple[Timer, ...] = ()
+    cancel_timers: tuple[str, ...] = ()
+    records: tuple[Record, ...] = ()
+    ignored: str | None = None  # why the fact changed nothing, if it did not
+
+    @property
+    def applied(self) -> bool:
+        return self.ignored is None
