@@ -79,6 +79,18 @@ def _parser() -> argparse.ArgumentParser:
         help="the embedded Postgres and local payloads of this state dir "
         "(the database is ignored when SAGAFLOW_DATABASE_URL is set)",
     )
+    topology = sub.add_parser(
+        "servicebus-topology",
+        help="create the session-enabled Service Bus queues (events, steps.<prefix>)",
+    )
+    topology.add_argument(
+        "--prefix",
+        dest="prefixes",
+        action="append",
+        default=[],
+        metavar="PREFIX",
+        help="a step-type prefix served by runners, e.g. inventory (repeatable)",
+    )
     return parser
 
 
@@ -98,6 +110,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(
             run_local(args.files, args.runners, args.state_dir, args.output, settings)
         )
+    if args.command == "servicebus-topology":
+        from sagaflow.local.topology import run_topology
+
+        return asyncio.run(run_topology(args.prefixes, settings))
     if args.command == "prune":
         from sagaflow.local.prune import run_prune
 

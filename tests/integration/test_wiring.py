@@ -43,3 +43,26 @@ def test_a_missing_servicebus_credential_names_the_variables(
     monkeypatch.setenv("SAGAFLOW_BUS", "kafka")
     with pytest.raises(SettingsError, match="SAGAFLOW_BUS: Input should be 'postgres'"):
         load_settings()
+
+
+async def test_the_topology_command_creates_events_and_one_queue_per_prefix(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from sagaflow.local.topology import run_topology
+
+    asked: dict[str, object] = {}
+
+    async def ensure(queues: list[str], **options: object) -> list[str]:
+        asked.update(options, queues=queues)
+        return ["steps.payments"]
+
+    settings = Settings(servicebus_connection_string=FAKE_CONNECTION, max_delivery_count=5)
+    assert await run_topology(["payments", "inventory"], settings, ensure) == 0
+    assert asked["queues"] == ["sagaflow.events", "steps.inventory", "steps.payments"]
+    assert asked["connection_string"] == FAKE_CONNECTION
+    assert asked["max_delivery_count"] == 5
+    out = capsys.readouterr().out
+    assert "steps.payments: created" in out
+    assert "sagaflow.events: already there" in out
+    assert await run_topology(["payments"], Settings(), ensure) == 2
+    assert "SAGAFLOW_SERVICEBUS_CONNECTION_STRING" in capsys.readouterr().err

@@ -494,3 +494,35 @@ async def create_topology(
             queue.max_delivery_count = max_delivery_count
             await admin.update_queue(queue)
     return created
+
+
+async def ensure_topology(
+    queues: Iterable[str],
+    *,
+    connection_string: str | None,
+    namespace: str | None,
+    lock_duration: float,
+    max_delivery_count: int,
+) -> list[str]:
+    """Open an administration client (connection string, or azure-identity on the
+    namespace), create what `queues` lack with `create_topology`, and close it."""
+    from azure.servicebus.aio.management import ServiceBusAdministrationClient
+
+    if connection_string:
+        admin = ServiceBusAdministrationClient.from_connection_string(connection_string)
+        credential = None
+    elif namespace:
+        from azure.identity.aio import DefaultAzureCredential
+
+        credential = DefaultAzureCredential()
+        admin = ServiceBusAdministrationClient(namespace, credential=credential)
+    else:
+        raise ValueError("a connection string or a namespace is needed")
+    try:
+        async with admin:
+            return await create_topology(
+                admin, queues, lock_duration=lock_duration, max_delivery_count=max_delivery_count
+            )
+    finally:
+        if credential is not None:
+            await credential.close()
