@@ -11,7 +11,8 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 
 from sagaflow.adapters.servicebus.bus import topology_queues
-from sagaflow.adapters.servicebus.client import ServiceBusAdapterError, ensure_topology
+from sagaflow.adapters.servicebus.client import ServiceBusAdapterError
+from sagaflow.adapters.servicebus.topology import ensure_topology
 from sagaflow.settings import Settings
 
 

@@ -22,8 +22,8 @@ from sagaflow.adapters.servicebus.client import (
     SessionReceiver,
     TopologyError,
     WireMessage,
-    create_topology,
 )
+from sagaflow.adapters.servicebus.topology import create_topology, ensure_topology
 
 __all__ = [
     "STANDARD_TIER_MAX_BYTES",
@@ -40,5 +40,6 @@ __all__ = [
     "TopologyError",
     "WireMessage",
     "create_topology",
+    "ensure_topology",
     "topology_queues",
 ]
