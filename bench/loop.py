@@ -36,7 +36,9 @@ from sagaflow.adapters.postgres.store import PostgresStore
 from sagaflow.core.manifests import WorkflowSpec
 from sagaflow.core.messages import StepResult
 from sagaflow.core.ports import ReceivedMessage
+from sagaflow.local.payloads import make_claim_check
 from sagaflow.runtime.orchestrator import Orchestrator
+from sagaflow.settings import Settings
 
 HERE = Path(__file__).resolve().parent
 
@@ -69,7 +71,9 @@ async def run(dsn: str, state_dir: Path, executions: int, steps: int, batch: int
     async with pool.acquire() as conn:
         await migrate(conn)
     bus = PostgresBus(pool)
-    orch = TimedOrchestrator(PostgresStore(pool), bus, batch_size=batch)
+    # The same claim check local mode uses (local payload directory, default threshold).
+    claim_check = make_claim_check(Settings(), state_dir)
+    orch = TimedOrchestrator(PostgresStore(pool), bus, batch_size=batch, claim_check=claim_check)
     orch.latencies = []
     env = dict(os.environ, SAGAFLOW_RUNNER_CONCURRENCY="256")
     if "SAGAFLOW_DATABASE_URL" not in os.environ:
@@ -122,6 +126,7 @@ async def run(dsn: str, state_dir: Path, executions: int, steps: int, batch: int
         runner.terminate()
         await asyncio.wait_for(runner.wait(), 30)
         await bus.close()
+        await claim_check.close()
         await pool.close()
 
 
