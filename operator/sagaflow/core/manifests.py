@@ -168,10 +168,14 @@ class ExecutionStatus(_Model):
     workflow_version: int | None = None
     started_at: str | None = None
     finished_at: str | None = None
+    # Steps running or waiting to retry: what `kubectl get` shows as the current step.
+    current_steps: tuple[str, ...] = ()
     steps: tuple[StepStatus, ...] = ()
     output: Any = None
     error: StepError | None = None
     conditions: tuple[Condition, ...] = ()
+    # The Postgres revision mirrored here: a status write with a lower one is stale.
+    revision: int | None = None
 
 
 def is_dns_label(name: str) -> bool:
