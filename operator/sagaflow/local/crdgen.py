@@ -1,4 +1,5 @@
-"""`python -m sagaflow.local.crdgen [REPO_ROOT]`: write the generated CRDs to `crds/`.
+"""`python -m sagaflow.local.crdgen [REPO_ROOT]`: write the generated CRDs to `crds/`
+and to the Helm chart's `charts/sagaflow/crds/`, which ships the same files.
 
 The CRDs themselves are built by the pure `sagaflow.core.crds`; this module owns only
 the file writing, which the core may not do. REPO_ROOT defaults to the current
@@ -13,16 +14,19 @@ from pathlib import Path
 
 from sagaflow.core.crds import render_yaml
 
+TARGETS = ("crds", "charts/sagaflow/crds")
+
 
 def write_crds(repo_root: Path) -> list[Path]:
-    """Write every generated CRD under `repo_root/crds/`; return the paths written."""
-    target = repo_root / "crds"
-    target.mkdir(parents=True, exist_ok=True)
+    """Write every generated CRD into each of TARGETS under `repo_root`; return the paths."""
     written = []
-    for name, text in render_yaml().items():
-        path = target / name
-        path.write_text(text, encoding="utf-8")
-        written.append(path)
+    for folder in TARGETS:
+        target = repo_root / folder
+        target.mkdir(parents=True, exist_ok=True)
+        for name, text in render_yaml().items():
+            path = target / name
+            path.write_text(text, encoding="utf-8")
+            written.append(path)
     return written
 
 
