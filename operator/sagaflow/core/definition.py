@@ -58,10 +58,6 @@ class StepDef:
     timeout: float | None
     heartbeat_timeout: float | None
 
-    @property
-    def is_builtin(self) -> bool:
-        return self.type in BUILTIN_TYPES
-
 
 @dataclass(frozen=True, slots=True)
 class Definition:

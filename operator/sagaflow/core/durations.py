@@ -22,14 +22,3 @@ def parse_duration(text: str) -> float:
             "(ms, s, m, h, d), e.g. 500ms, 30s, 1h30m"
         )
     return sum(float(num) * _UNIT_SECONDS[unit] for num, unit in _PART.findall(text))
-
-
-def format_duration(seconds: float) -> str:
-    """Render seconds compactly for people (`1.5s`, `2m`, `250ms`)."""
-    if seconds < 1:
-        return f"{round(seconds * 1000)}ms"
-    if seconds < 60:
-        return f"{seconds:g}s"
-    if seconds < 3600:
-        return f"{seconds / 60:g}m"
-    return f"{seconds / 3600:g}h"

@@ -10,7 +10,6 @@ its field path.
 
 from __future__ import annotations
 
-import re
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -176,7 +175,3 @@ class ExecutionStatus(_Model):
     conditions: tuple[Condition, ...] = ()
     # The Postgres revision mirrored here: a status write with a lower one is stale.
     revision: int | None = None
-
-
-def is_dns_label(name: str) -> bool:
-    return re.match(NAME_PATTERN, name) is not None
