@@ -1,4 +1,4 @@
-"""The `sagaflow` command: `run` (local mode), `runner` (a step runner), `prune` (retention).
+"""The `sagaflow` command: `run` (local mode), `operator` (in a cluster), `runner`, `prune`.
 
 Exit codes: 0 all executions completed, 1 some did not, 2 invalid input or
 configuration (nothing was started).
@@ -47,6 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
 
+    sub.add_parser(
+        "operator",
+        help="run the Kubernetes operator (SAGAFLOW_DATABASE_URL; kubeconfig or in-cluster)",
+    )
     runner = sub.add_parser("runner", help="run step handlers against the bus")
     runner.add_argument(
         "--module",
@@ -110,6 +114,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(
             run_local(args.files, args.runners, args.state_dir, args.output, settings)
         )
+    if args.command == "operator":
+        from sagaflow.kube.app import run_operator
+
+        return asyncio.run(run_operator(settings))
     if args.command == "servicebus-topology":
         from sagaflow.local.topology import run_topology
 

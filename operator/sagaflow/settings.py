@@ -46,6 +46,24 @@ class Settings(BaseSettings):
     runner_concurrency: int = Field(default=64, ge=1, le=10_000)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
 
+    # -- `sagaflow operator` -------------------------------------------------------------
+    # Port of /healthz (liveness) and /readyz (readiness); 0 serves none.
+    health_port: int = Field(default=8080, ge=0, le=65535)
+    # Comma-separated namespaces to watch; empty: every namespace (cluster-wide).
+    watch_namespaces: str = Field(default="", pattern=r"^[a-z0-9,\-\s]*$")
+    # A kopf peering object's name: replicas sharing it elect one to run handlers.
+    # Empty: every replica runs them (safe too: starts are keyed by uid, transitions
+    # by row locks; peering only saves duplicate work).
+    peering_name: str = ""
+    # How often the status mirror and TTL collector look without being woken.
+    mirror_poll_seconds: float = Field(default=2.0, gt=0, le=300)
+    # How long an Execution whose Workflow has no valid version waits between checks.
+    workflow_wait_seconds: float = Field(default=5.0, gt=0, le=3600)
+
+    @property
+    def namespaces(self) -> list[str]:
+        return [n.strip() for n in self.watch_namespaces.split(",") if n.strip()]
+
     @model_validator(mode="after")
     def _adapters_have_what_they_need(self) -> Settings:
         if self.bus == "servicebus" and not (

@@ -26,12 +26,12 @@ from pydantic import BaseModel
 from sagaflow.core.durations import DURATION_PATTERN
 from sagaflow.core.manifests import (
     API_GROUP,
-    Condition,
     ExecutionSpec,
     ExecutionStatus,
     RetryPolicy,
     StepSpec,
     WorkflowSpec,
+    WorkflowStatus,
 )
 
 VERSION = "v1alpha1"
@@ -117,19 +117,6 @@ def model_schema(model: type[BaseModel]) -> Schema:
     return _structural(raw, defs)
 
 
-def _workflow_status_schema() -> Schema:
-    # Hand-written until the operator has a WorkflowStatus model: the generation last
-    # reconciled, the definition version it produced, and the usual conditions.
-    return {
-        "type": "object",
-        "properties": {
-            "observedGeneration": {"type": "integer", "format": "int64"},
-            "version": {"type": "integer", "format": "int64"},
-            "conditions": {"type": "array", "items": model_schema(Condition)},
-        },
-    }
-
-
 def _resource_schema(spec: Schema, status: Schema) -> Schema:
     return {
         "type": "object",
@@ -150,9 +137,8 @@ def _column(name: str, json_path: str, kind: str = "string", **extra: Any) -> Sc
 
 _AGE = _column("Age", ".metadata.creationTimestamp", "date")
 
-# ExecutionStatus has neither `currentSteps` nor an execution-wide attempt count, so
-# Step and Attempts show the first running step (kubectl prints a path's first match).
-# Switch to `.status.currentSteps` once the status model carries it.
+# Step is the first current step; Attempts that of the first running step (kubectl
+# prints a path's first match).
 _EXECUTION_COLUMNS = [
     _column("Workflow", ".spec.workflowRef.name"),
     _column("Version", ".status.workflowVersion", "integer"),
@@ -201,7 +187,7 @@ def _crd(kind: str, plural: str, short_name: str, schema: Schema, columns: list[
 
 def custom_resource_definitions() -> list[dict[str, Any]]:
     """The Workflow and Execution CRDs, in that order."""
-    workflow = _resource_schema(model_schema(WorkflowSpec), _workflow_status_schema())
+    workflow = _resource_schema(model_schema(WorkflowSpec), model_schema(WorkflowStatus))
     execution = _resource_schema(model_schema(ExecutionSpec), model_schema(ExecutionStatus))
     return [
         _crd("Workflow", "workflows", "sfwf", workflow, _WORKFLOW_COLUMNS),

@@ -64,6 +64,8 @@ class WorkflowSpec(_Model):
     timeout: str | None = None
     retry: RetryPolicy | None = None
     output: Any = None
+    # Default for this workflow's Executions; an Execution's own setting wins.
+    ttl_seconds_after_finished: int | None = Field(default=None, ge=0)
 
     _durations = field_validator("timeout")(_check_duration)
 
@@ -92,6 +94,9 @@ class WorkflowRef(_Model):
 class ExecutionSpec(_Model):
     workflow_ref: WorkflowRef
     input: dict[str, Any] = Field(default_factory=dict)
+    # The operator deletes the object this long after the run finished (history stays
+    # in Postgres). Unset: the workflow's default; neither: the object is kept.
+    ttl_seconds_after_finished: int | None = Field(default=None, ge=0)
 
 
 class Execution(_Model):
@@ -142,6 +147,14 @@ class StepError(_Model):
     message: str
 
 
+class OutputRef(_Model):
+    """Where a large output is stored (claim check): read it from there, not the status."""
+
+    uri: str
+    size: int
+    sha256: str
+
+
 class StepStatus(_Model):
     name: str
     phase: StepPhase
@@ -150,7 +163,9 @@ class StepStatus(_Model):
     finished_at: str | None = None
     next_retry_at: str | None = None
     output: Any = None
-    output_ref: str | None = None
+    output_ref: OutputRef | None = None
+    # The output was too large for the status; the whole of it is in Postgres.
+    output_truncated: bool | None = None
     error: StepError | None = None
 
 
@@ -170,8 +185,23 @@ class ExecutionStatus(_Model):
     # Steps running or waiting to retry: what `kubectl get` shows as the current step.
     current_steps: tuple[str, ...] = ()
     steps: tuple[StepStatus, ...] = ()
+    # The earliest time a retrying step runs again.
+    next_retry_at: str | None = None
     output: Any = None
+    output_ref: OutputRef | None = None
+    output_truncated: bool | None = None
     error: StepError | None = None
     conditions: tuple[Condition, ...] = ()
     # The Postgres revision mirrored here: a status write with a lower one is stale.
     revision: int | None = None
+    observed_generation: int | None = None
+
+
+class WorkflowStatus(_Model):
+    """What the operator reports on a Workflow object."""
+
+    # The metadata.generation last reconciled, valid or not.
+    observed_generation: int | None = None
+    # The stored definition version new Executions start on (the last valid spec).
+    version: int | None = None
+    conditions: tuple[Condition, ...] = ()

@@ -1,13 +1,18 @@
 """Project an execution's state into the `Execution.status` users read.
 
 Pure and shared: local mode prints it, the operator mirrors it into the custom
-resource. Status is a view of Postgres, bounded in size: history stays in the
-database. Conditions follow Kubernetes API conventions (`Succeeded`). A step output
-stored by reference shows as `outputRef` (uri, size, sha256), never its payload.
+resource. Status is a view of Postgres; history stays in the database. Conditions
+follow Kubernetes API conventions: `Succeeded` (Unknown while running, then True or
+False) and `Ready` (False while a step waits to retry or the run has failed). An
+output stored by reference shows as `outputRef` (uri, size, sha256), never its payload.
+
+`bounded_status` keeps what the operator writes to the object under a size budget
+whatever the step count and output sizes: Kubernetes objects must stay under 1 MB.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from sagaflow.core.manifests import API_VERSION, ExecutionPhase, StepPhase
@@ -34,13 +39,16 @@ def step_status(step: StepState) -> dict[str, Any]:
     if step.next_retry_at and step.phase is StepPhase.RETRYING:
         out["nextRetryAt"] = _ts(step.next_retry_at)
     if step.phase is StepPhase.SUCCEEDED and step.output is not None:
-        if is_ref(step.output):
-            out["outputRef"] = ref_of(step.output).to_json()
-        else:
-            out["output"] = step.output
+        out.update(_output(step.output))
     if step.error is not None:
         out["error"] = step.error.to_json()
     return out
+
+
+def _output(value: Any) -> dict[str, Any]:
+    if is_ref(value):
+        return {"outputRef": ref_of(value).to_json()}
+    return {"output": value}
 
 
 def current_steps(state: ExecutionState) -> list[str]:
@@ -59,23 +67,142 @@ def execution_status(state: ExecutionState) -> dict[str, Any]:
     if current:
         status["currentSteps"] = current
     status["steps"] = [step_status(s) for s in state.steps.values()]
+    retries = [
+        s.next_retry_at
+        for s in state.steps.values()
+        if s.phase is StepPhase.RETRYING and s.next_retry_at is not None
+    ]
+    if retries and not state.phase.is_terminal:
+        status["nextRetryAt"] = _ts(min(retries))
     if state.output is not None:
-        status["output"] = state.output
+        status.update(_output(state.output))
     if state.error is not None:
         status["error"] = state.error.to_json()
-    verdict, reason = _SUCCEEDED.get(state.phase, ("Unknown", state.phase.value))
-    message = state.error.message if state.error else f"execution {state.phase.value.lower()}"
-    status["conditions"] = [
-        {
-            "type": "Succeeded",
-            "status": verdict,
-            "reason": reason,
-            "message": message,
-            "lastTransitionTime": _ts(state.finished_at or state.started_at),
-        }
-    ]
+    status["conditions"] = [_succeeded(state), _ready(state)]
     status["revision"] = state.revision
     return status
+
+
+def _succeeded(state: ExecutionState) -> dict[str, Any]:
+    verdict, reason = _SUCCEEDED.get(state.phase, ("Unknown", state.phase.value))
+    message = state.error.message if state.error else f"execution {state.phase.value.lower()}"
+    return _condition("Succeeded", verdict, reason, message, state.finished_at or state.started_at)
+
+
+def _ready(state: ExecutionState) -> dict[str, Any]:
+    """True while the run progresses (or has completed); False when it needs attention."""
+    if state.phase.is_terminal:
+        ok = state.phase is ExecutionPhase.COMPLETED
+        return _condition(
+            "Ready",
+            "True" if ok else "False",
+            state.phase.value,
+            state.error.message if state.error else f"execution {state.phase.value.lower()}",
+            state.finished_at,
+        )
+    retrying = [s for s in state.steps.values() if s.phase is StepPhase.RETRYING]
+    if retrying:
+        step = min(retrying, key=lambda s: (s.next_retry_at is None, s.next_retry_at, s.name))
+        error = f": {step.error.type}: {step.error.message}" if step.error else ""
+        message = f"step {step.name} attempt {step.attempt} failed{error}"
+        if step.next_retry_at is not None:
+            message += f"; retry at {_ts(step.next_retry_at)}"
+        at = step.finished_at or step.attempt_started_at or state.started_at
+        return _condition("Ready", "False", "StepRetrying", message, at)
+    return _condition(
+        "Ready",
+        "True",
+        state.phase.value,
+        f"execution {state.phase.value.lower()}",
+        state.started_at,
+    )
+
+
+def _condition(kind: str, status: str, reason: str, message: str, at: Any) -> dict[str, Any]:
+    return {
+        "type": kind,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": _ts(at),
+    }
+
+
+def keep_transition_times(
+    new: list[dict[str, Any]], old: list[dict[str, Any]] | None
+) -> list[dict[str, Any]]:
+    """Conditions whose status did not change keep their old `lastTransitionTime`.
+
+    Kubernetes conventions: the time says when the status last flipped, not when the
+    condition was last written.
+    """
+    before = {c.get("type"): c for c in old or () if isinstance(c, dict)}
+    kept = []
+    for condition in new:
+        prior = before.get(condition["type"])
+        if prior and prior.get("status") == condition["status"] and prior.get("lastTransitionTime"):
+            condition = {**condition, "lastTransitionTime": prior["lastTransitionTime"]}
+        kept.append(condition)
+    return kept
+
+
+# Budgets of `bounded_status`: generous for people, small against etcd's 1.5 MB limit.
+MAX_STATUS_BYTES = 256 * 1024
+MAX_INLINE_OUTPUT_BYTES = 4 * 1024
+MAX_MESSAGE_CHARS = 1024
+
+
+def _size(value: Any) -> int:
+    return len(json.dumps(value, separators=(",", ":"), default=str))
+
+
+def _clip(text: str) -> str:
+    if len(text) <= MAX_MESSAGE_CHARS:
+        return text
+    return text[: MAX_MESSAGE_CHARS - 14] + "... (truncated)"
+
+
+def _clip_error(holder: dict[str, Any]) -> None:
+    error = holder.get("error")
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        holder["error"] = {**error, "message": _clip(error["message"])}
+
+
+def bounded_status(status: dict[str, Any], budget: int = MAX_STATUS_BYTES) -> dict[str, Any]:
+    """`status` made to fit `budget` bytes of JSON; what is left out stays in Postgres.
+
+    In order, until it fits: messages are clipped and outputs above
+    `MAX_INLINE_OUTPUT_BYTES` replaced by `outputTruncated: true` (always); then
+    every step output is dropped; then the steps that are neither current nor failed
+    are dropped from the list; then those steps' errors (`currentSteps`, the
+    execution's error and the conditions remain).
+    """
+    out = dict(status)
+    steps = [dict(s) for s in out.get("steps", ())]
+    for holder in (out, *steps):
+        _clip_error(holder)
+        if "output" in holder and _size(holder["output"]) > MAX_INLINE_OUTPUT_BYTES:
+            del holder["output"]
+            holder["outputTruncated"] = True
+    out["conditions"] = [
+        {**c, "message": _clip(c.get("message", ""))} for c in out.get("conditions", ())
+    ]
+    out["steps"] = steps
+    if _size(out) <= budget:
+        return out
+    for step in steps:
+        if "output" in step:
+            del step["output"]
+            step["outputTruncated"] = True
+    if _size(out) <= budget:
+        return out
+    keep = {StepPhase.RUNNING.value, StepPhase.RETRYING.value, StepPhase.FAILED.value}
+    out["steps"] = [s for s in steps if s.get("phase") in keep]
+    if _size(out) <= budget:
+        return out
+    # Hundreds of failing steps, each with a long message: their errors go too.
+    out["steps"] = [{k: v for k, v in s.items() if k != "error"} for s in out["steps"]]
+    return out
 
 
 def execution_object(state: ExecutionState) -> dict[str, Any]:

@@ -72,6 +72,10 @@ from sagaflow.runtime.claimcheck import ClaimCheck
 log = logging.getLogger("sagaflow.orchestrator")
 
 
+class NameInUseError(Exception):
+    """Another live execution holds the name a new one was to start under."""
+
+
 def result_fact(result: StepResult) -> Fact:
     if result.kind == "StepCompleted":
         return StepCompleted(result.step, result.attempt, result.output or {})
@@ -157,13 +161,23 @@ class Orchestrator:
             return await self.store.put_workflow(conn, namespace, name, spec, self.clock())
 
     async def start(
-        self, namespace: str, name: str, workflow: str, input: dict[str, Any]
+        self,
+        namespace: str,
+        name: str,
+        workflow: str,
+        input: dict[str, Any],
+        *,
+        execution_id: str | None = None,
     ) -> tuple[ExecutionState, bool]:
-        """Start an execution once; a repeated start returns the existing one unchanged."""
+        """Start an execution once; a repeated start returns the existing one unchanged.
+
+        Keyed by `execution_id` when given (a custom resource's uid), else by the
+        name. NameInUseError when another live execution holds the name.
+        """
         now = self.clock()
         async with self._transaction() as tx:
             conn = tx.conn
-            existing = await self.store.get_execution(conn, namespace, name)
+            existing = await self._find(conn, namespace, name, execution_id)
             if existing is not None:
                 return existing, False
             version = await self.store.current_version(conn, namespace, workflow)
@@ -171,7 +185,7 @@ class Orchestrator:
                 raise LookupError(f"workflow {namespace}/{workflow} does not exist")
             definition = await self.store.definition(conn, namespace, workflow, version)
             state = new_execution(
-                execution_id=new_execution_id(),
+                execution_id=execution_id or new_execution_id(),
                 namespace=namespace,
                 name=name,
                 workflow=workflow,
@@ -180,18 +194,29 @@ class Orchestrator:
                 step_names=tuple(s.name for s in definition.steps),
             )
             if not await self.store.insert_execution(conn, state, now):
-                found = await self.store.get_execution(conn, namespace, name)
-                assert found is not None
+                found = await self._find(conn, namespace, name, execution_id)
+                if found is None:
+                    raise NameInUseError(f"execution {namespace}/{name} is held by another run")
                 return found, False
             decision = decide(state, definition, Start(), now)
             await self._commit(tx, [Applied(state.execution_id, decision)], now)
         return decision.state, True
 
-    async def cancel(self, namespace: str, name: str, reason: str) -> ExecutionState | None:
+    async def _find(
+        self, conn: Any, namespace: str, name: str, execution_id: str | None
+    ) -> ExecutionState | None:
+        if execution_id is not None:
+            return await self.store.get_execution_by_id(conn, execution_id)
+        return await self.store.get_execution(conn, namespace, name)
+
+    async def cancel(
+        self, namespace: str, name: str, reason: str, *, execution_id: str | None = None
+    ) -> ExecutionState | None:
+        """Cancel a running execution: nothing further is dispatched. None if unknown."""
         now = self.clock()
         async with self._transaction() as tx:
             conn = tx.conn
-            found = await self.store.get_execution(conn, namespace, name)
+            found = await self._find(conn, namespace, name, execution_id)
             if found is None:
                 return None
             state = (await self.store.lock_executions(conn, [found.execution_id]))[

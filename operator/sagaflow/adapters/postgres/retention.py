@@ -8,9 +8,10 @@ applying a late result to one of these executions is never waited on).
 An execution is finished when its phase is Completed, Failed or Cancelled; its
 finish time is `finishedAt` in the state document (the row's `updated_at` moves
 when a late result is still recorded on a finished execution). Its rows are the
-execution itself and, by execution id, history, step attempts, inbox records and
-timers. Messages still on the bus are the bus's: the orchestrator ignores events
-of executions it does not know, so they need no clean-up here.
+execution itself and, by execution id, history, step attempts, inbox records,
+timers and the operator's mirror cursor. Messages still on the bus are the bus's:
+the orchestrator ignores events of executions it does not know, so they need no
+clean-up here.
 """
 
 from __future__ import annotations
@@ -77,13 +78,14 @@ async def delete_executions(conn: asyncpg.Connection, ids: Sequence[str]) -> Del
         "sagaflow_step_attempts",
         "sagaflow_inbox",
         "sagaflow_timers",
+        "sagaflow_kube_executions",
         "sagaflow_executions",
     ):
         status = await conn.execute(
             f"DELETE FROM {table} WHERE execution_id = ANY($1::text[])", wanted
         )
         counts.append(_count(status))
-    history, attempts, inbox, timers, executions = counts
+    history, attempts, inbox, timers, _mirror, executions = counts
     return Deleted(executions, history, attempts, inbox, timers)
 
 

@@ -167,12 +167,12 @@ class PostgresStore:
     async def insert_execution(
         self, conn: asyncpg.Connection, state: ExecutionState, now: datetime
     ) -> bool:
-        """Insert a new execution row; False when (namespace, name) already exists."""
+        """Insert a new execution row; False when its id or its live name already exists."""
         row = await conn.fetchval(
             "INSERT INTO sagaflow_executions (execution_id, namespace, name, workflow, "
             "workflow_version, phase, revision, state, created_at, updated_at) "
             "VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9, $9) "
-            "ON CONFLICT (namespace, name) DO NOTHING RETURNING execution_id",
+            "ON CONFLICT DO NOTHING RETURNING execution_id",
             state.execution_id,
             state.namespace,
             state.name,
@@ -226,8 +226,20 @@ class PostgresStore:
     async def get_execution(
         self, conn: asyncpg.Connection, namespace: str, name: str
     ) -> ExecutionState | None:
+        """The execution holding this name (released executions hold none)."""
         raw = await conn.fetchval(
-            "SELECT state FROM sagaflow_executions WHERE namespace=$1 AND name=$2", namespace, name
+            "SELECT state FROM sagaflow_executions "
+            "WHERE namespace=$1 AND name=$2 AND released_at IS NULL",
+            namespace,
+            name,
+        )
+        return None if raw is None else ExecutionState.from_json(json.loads(raw))
+
+    async def get_execution_by_id(
+        self, conn: asyncpg.Connection, execution_id: str
+    ) -> ExecutionState | None:
+        raw = await conn.fetchval(
+            "SELECT state FROM sagaflow_executions WHERE execution_id=$1", execution_id
         )
         return None if raw is None else ExecutionState.from_json(json.loads(raw))
 
@@ -236,7 +248,8 @@ class PostgresStore:
     ) -> list[ExecutionState]:
         rows = await conn.fetch(
             "SELECT e.state FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS k(ns, n, i) "
-            "JOIN sagaflow_executions e ON e.namespace = k.ns AND e.name = k.n ORDER BY k.i",
+            "JOIN sagaflow_executions e ON e.namespace = k.ns AND e.name = k.n "
+            "AND e.released_at IS NULL ORDER BY k.i",
             [k[0] for k in keys],
             [k[1] for k in keys],
         )

@@ -1,0 +1,1 @@
+"""The Kubernetes surface: `sagaflow operator` (kopf handlers, status mirror, probes)."""

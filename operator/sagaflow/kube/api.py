@@ -1,0 +1,124 @@
+"""The few Kubernetes API calls the operator makes outside kopf's handlers.
+
+kopf drives the handlers; the status mirror, the Event poster and the TTL collector
+run beside it and need only: read an Execution, merge-patch its status under a
+resourceVersion precondition, create an Event, delete an Execution. `KubeApi` is
+that narrow interface; `ClientKubeApi` implements it with the `kubernetes` client
+(in-cluster service account, else the kubeconfig), whose blocking calls run in
+threads so they never stall the event loop kopf and the orchestrator share.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Protocol
+
+import kubernetes
+
+from sagaflow.core.manifests import API_GROUP
+
+VERSION = "v1alpha1"
+EXECUTIONS = "executions"
+WORKFLOWS = "workflows"
+
+Body = dict[str, Any]
+
+
+class ConflictError(Exception):
+    """The object changed since it was read (HTTP 409): read it again and retry."""
+
+
+class KubeApi(Protocol):
+    async def get(self, plural: str, namespace: str, name: str) -> Body | None:
+        """The object, or None when it does not exist."""
+
+    async def patch_status(self, plural: str, namespace: str, name: str, patch: Body) -> None:
+        """Merge-patch the status subresource; ConflictError on a stale resourceVersion.
+
+        Returns quietly when the object is gone.
+        """
+
+    async def create_event(self, namespace: str, event: Body) -> bool:
+        """Create a core/v1 Event; False when one of that name exists already."""
+
+    async def delete(self, plural: str, namespace: str, name: str, *, uid: str) -> None:
+        """Delete the object if its uid is `uid`; returns quietly when it is gone."""
+
+
+def load_client_config() -> kubernetes.client.ApiClient:
+    """In a pod, the service account; elsewhere `$KUBECONFIG` or `~/.kube/config`."""
+    config = kubernetes.client.Configuration()
+    try:
+        kubernetes.config.load_incluster_config(client_configuration=config)  # type: ignore[no-untyped-call]
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config(client_configuration=config)  # type: ignore[no-untyped-call]
+    return kubernetes.client.ApiClient(configuration=config)
+
+
+class ClientKubeApi:
+    def __init__(self, client: kubernetes.client.ApiClient) -> None:
+        self._custom = kubernetes.client.CustomObjectsApi(client)
+        self._core = kubernetes.client.CoreV1Api(client)
+
+    async def get(self, plural: str, namespace: str, name: str) -> Body | None:
+        try:
+            body: Any = await asyncio.to_thread(
+                self._custom.get_namespaced_custom_object,
+                API_GROUP,
+                VERSION,
+                namespace,
+                plural,
+                name,
+            )
+        except kubernetes.client.ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return dict(body)
+
+    async def patch_status(self, plural: str, namespace: str, name: str, patch: Body) -> None:
+        try:
+            # A dict body is sent as application/merge-patch+json.
+            await asyncio.to_thread(
+                self._custom.patch_namespaced_custom_object_status,
+                API_GROUP,
+                VERSION,
+                namespace,
+                plural,
+                name,
+                patch,
+            )
+        except kubernetes.client.ApiException as exc:
+            if exc.status == 409:
+                raise ConflictError(f"{plural} {namespace}/{name} changed") from exc
+            if exc.status != 404:
+                raise
+
+    async def create_event(self, namespace: str, event: Body) -> bool:
+        try:
+            # The client serialises a plain dict as it is.
+            body: Any = event
+            await asyncio.to_thread(self._core.create_namespaced_event, namespace, body)
+        except kubernetes.client.ApiException as exc:
+            if exc.status == 409:
+                return False
+            raise
+        return True
+
+    async def delete(self, plural: str, namespace: str, name: str, *, uid: str) -> None:
+        try:
+            await asyncio.to_thread(
+                self._custom.delete_namespaced_custom_object,
+                API_GROUP,
+                VERSION,
+                namespace,
+                plural,
+                name,
+                body=kubernetes.client.V1DeleteOptions(
+                    preconditions=kubernetes.client.V1Preconditions(uid=uid)
+                ),
+            )
+        except kubernetes.client.ApiException as exc:
+            # 409: the uid differs, the name belongs to a newer object now.
+            if exc.status not in (404, 409):
+                raise

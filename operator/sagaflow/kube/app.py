@@ -1,0 +1,153 @@
+"""`sagaflow operator`: kopf handlers, the orchestrator loops, the status mirror, probes.
+
+One process runs everything on one event loop:
+
+- kopf watches Workflow and Execution objects and runs `sagaflow.kube.handlers`;
+- the orchestrator consumes step results, fires timers and relays the outbox;
+- the status mirror writes state, Events and TTL deletions back to the objects;
+- the probe server answers the kubelet.
+
+State lives in Postgres (SAGAFLOW_DATABASE_URL, required here: there is no
+embedded database in a cluster), so a restarted or rescheduled operator resumes
+everything: kopf's resume handlers re-find every object, the loops re-read the
+database. Several replicas are safe: starts are keyed by object uid, transitions
+by row locks, mirror rows by SKIP LOCKED; a kopf peering object
+(SAGAFLOW_PEERING_NAME) additionally keeps handlers on one replica at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import kopf
+
+from sagaflow.adapters.postgres.store import PostgresStore
+from sagaflow.kube.api import ClientKubeApi, KubeApi, load_client_config
+from sagaflow.kube.handlers import HandlerContext, build_registry
+from sagaflow.kube.health import HealthServer, loops_alive
+from sagaflow.kube.mirror import StatusMirror
+from sagaflow.local.buses import make_bus
+from sagaflow.local.database import open_database
+from sagaflow.local.inputs import InvalidInputError
+from sagaflow.local.payloads import make_claim_check
+from sagaflow.runtime.orchestrator import Orchestrator
+from sagaflow.settings import Settings
+
+log = logging.getLogger("sagaflow.operator")
+
+# kopf's own bookkeeping goes to annotations under our group, not into `status`
+# (whose schema is ours) and not under kopf's default names.
+_PREFIX = "sagaflow.io"
+
+
+def kopf_settings(settings: Settings) -> kopf.OperatorSettings:
+    config = kopf.OperatorSettings()
+    config.persistence.finalizer = f"{_PREFIX}/finalizer"
+    config.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=_PREFIX)
+    config.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=_PREFIX, key="last-handled-configuration"
+    )
+    # Our Events come from the history (see `sagaflow.kube.events`) and from the
+    # handlers' explicit warnings (invalid specs); kopf's "handler succeeded" log
+    # lines stay in the log (`posting.loggers` is off by default).
+    config.posting.level = logging.WARNING
+    # The resources are fixed and installed before the operator (Helm installs CRDs
+    # first): no need to watch CRDs or list namespaces, nor the RBAC for it.
+    config.scanning.disabled = True
+    return config
+
+
+async def run_operator(settings: Settings, api: KubeApi | None = None) -> int:
+    if not settings.database_url:
+        print(
+            "error: SAGAFLOW_DATABASE_URL: the operator needs an external Postgres",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        claim_check = make_claim_check(settings, Path(".sagaflow"))
+    except InvalidInputError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
+    try:
+        async with open_database(settings, Path(".sagaflow"), pool_size=12) as db:
+            bus = make_bus(settings, db.pool)
+            try:
+                orchestrator = Orchestrator(
+                    PostgresStore(db.pool),
+                    bus,
+                    batch_size=settings.batch_size,
+                    claim_check=claim_check,
+                )
+                mirror = StatusMirror(
+                    db.pool,
+                    api or ClientKubeApi(load_client_config()),
+                    poll_seconds=settings.mirror_poll_seconds,
+                )
+                context = HandlerContext(orchestrator, db.pool, settings.workflow_wait_seconds)
+                await _serve(settings, db.dsn, orchestrator, mirror, context)
+            finally:
+                await bus.close()
+    finally:
+        await claim_check.close()
+    return 0
+
+
+async def _serve(
+    settings: Settings,
+    dsn: str,
+    orchestrator: Orchestrator,
+    mirror: StatusMirror,
+    context: HandlerContext,
+) -> None:
+    stop = asyncio.Event()
+    ready = asyncio.Event()
+    tasks = [
+        asyncio.create_task(orchestrator.run(stop, dsn), name="orchestrator"),
+        asyncio.create_task(mirror.run(stop, dsn), name="status mirror"),
+    ]
+
+    async def database_answers() -> str | None:
+        if not ready.is_set():
+            return "kopf is starting"
+        async with context.pool.acquire() as conn:
+            await conn.fetchval("SELECT 1")
+        return None
+
+    health = HealthServer(
+        settings.health_port, live=loops_alive(lambda: tasks), ready=database_answers
+    )
+    if settings.health_port:
+        await health.start()
+    registry = build_registry(context)
+
+    @kopf.on.cleanup(registry=registry)
+    async def stop_loops(**_: Any) -> None:
+        # kopf waits for every task started after it (our loops' inner tasks too)
+        # before it returns: stop them here, so a shutdown takes no longer than that.
+        stop.set()
+        await asyncio.wait(tasks, timeout=10)
+
+    namespaces = settings.namespaces
+    try:
+        await kopf.operator(
+            registry=registry,
+            settings=kopf_settings(settings),
+            clusterwide=not namespaces,
+            namespaces=namespaces,
+            standalone=not settings.peering_name,
+            peering_name=settings.peering_name or None,
+            ready_flag=ready,
+        )
+    finally:
+        stop.set()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(task, timeout=10)
+        await health.stop()

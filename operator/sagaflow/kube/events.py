@@ -1,0 +1,80 @@
+"""Kubernetes Events from an execution's history: what a person debugging wants to see.
+
+Every applied transition is a history row in Postgres; each becomes one core/v1
+Event on the Execution object (`kubectl describe` lists them). Ignored messages
+stay in the history only: they are noise to a person and evidence to a debugger.
+
+An Event's name is derived from the execution and the history row, so posting it
+again after a crash is answered "already exists" and the Event appears once.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sagaflow.adapters.postgres.mirror_rows import HistoryRow
+from sagaflow.core.manifests import API_VERSION
+
+COMPONENT = "sagaflow-operator"
+# History kinds that are not Events.
+QUIET = frozenset({"MessageIgnored"})
+# Kinds that mean something went wrong (type Warning); the rest are Normal.
+WARNINGS = frozenset(
+    {
+        "StepFailed",
+        "StepRetrying",
+        "StepTimedOut",
+        "ExecutionFailed",
+        "ExecutionTimedOut",
+        "ExecutionCancelled",
+    }
+)
+_MAX_MESSAGE = 1024
+_MAX_NAME_PREFIX = 200  # object names run to 253 characters; the suffix needs room
+
+
+def _ts(value: datetime) -> str:
+    return value.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def event_name(name: str, execution_id: str, seq: int) -> str:
+    return f"{name[:_MAX_NAME_PREFIX]}.{execution_id[:8]}.{seq}"
+
+
+def event_for(
+    row: HistoryRow,
+    *,
+    namespace: str,
+    name: str,
+    execution_id: str,
+    instance: str,
+) -> dict[str, Any] | None:
+    """The Event for one history row of an execution, or None if the row is not one."""
+    if row.kind in QUIET:
+        return None
+    message = row.message
+    if len(message) > _MAX_MESSAGE:
+        message = message[: _MAX_MESSAGE - 15] + "... (truncated)"
+    at = _ts(row.at)
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"name": event_name(name, execution_id, row.seq), "namespace": namespace},
+        "involvedObject": {
+            "apiVersion": API_VERSION,
+            "kind": "Execution",
+            "name": name,
+            "namespace": namespace,
+            "uid": execution_id,
+        },
+        "reason": row.kind,
+        "message": message,
+        "type": "Warning" if row.kind in WARNINGS else "Normal",
+        "count": 1,
+        "firstTimestamp": at,
+        "lastTimestamp": at,
+        "source": {"component": COMPONENT},
+        "reportingComponent": f"sagaflow.io/{COMPONENT}",
+        "reportingInstance": instance,
+    }

@@ -1,0 +1,211 @@
+"""kopf handlers: Workflow objects become stored versions, Execution objects runs.
+
+- Workflow (created, changed, or found at start-up): validated by the same
+  validator as local mode. A valid spec is stored as an immutable version (an
+  unchanged spec reuses its version) and `Ready=True`; an invalid one sets
+  `Ready=False` naming every bad field and leaves the last good version serving.
+  `status.observedGeneration` says which generation the verdict is about.
+- Execution (created, or found at start-up): started in Postgres keyed by the
+  object's uid, so a repeat is a no-op; the workflow version current at that
+  moment is pinned. If the Workflow has no valid version yet, the status says so
+  and the start is retried. From then on the status mirror owns the status.
+- Execution changed: the run already has its input; a Warning Event says the
+  change is ignored.
+- Execution deleted (finalizer): the run is cancelled if it is still going (no
+  further commands), its name is released, its history stays in Postgres.
+
+Handlers raise only for what a retry can fix (database or API trouble); bad specs
+are reported in the status and Events, never retried.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import kopf
+from pydantic import ValidationError
+
+from sagaflow.adapters.postgres import mirror_rows
+from sagaflow.core.manifests import API_GROUP, ExecutionSpec
+from sagaflow.core.ports import Clock, utc_now
+from sagaflow.core.status import keep_transition_times
+from sagaflow.core.validation import Document, validate_documents
+from sagaflow.kube.api import EXECUTIONS, VERSION, WORKFLOWS
+from sagaflow.runtime.orchestrator import Orchestrator
+
+_MAX_MESSAGE = 1024
+# Only the fields a manifest carries: status and server-set metadata are not the spec.
+_MANIFEST_KEYS = ("apiVersion", "kind", "metadata", "spec")
+
+
+@dataclass(frozen=True)
+class HandlerContext:
+    orchestrator: Orchestrator
+    pool: asyncpg.Pool
+    workflow_wait_seconds: float = 5.0
+    clock: Clock = utc_now
+
+
+def _ts(ctx: HandlerContext) -> str:
+    return ctx.clock().isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 15] + "... (truncated)"
+
+
+def ready_condition(ctx: HandlerContext, status: str, reason: str, message: str) -> dict[str, Any]:
+    return {
+        "type": "Ready",
+        "status": status,
+        "reason": reason,
+        "message": _clip(message),
+        "lastTransitionTime": _ts(ctx),
+    }
+
+
+def _conditions(new: dict[str, Any], old_status: Any) -> list[dict[str, Any]]:
+    old = old_status.get("conditions") if isinstance(old_status, dict) else None
+    return keep_transition_times([new], old if isinstance(old, list) else None)
+
+
+async def reconcile_workflow(
+    ctx: HandlerContext,
+    body: kopf.Body,
+    patch: kopf.Patch,
+    logger: logging.Logger | logging.LoggerAdapter[Any],
+) -> None:
+    meta = body["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    manifest = {key: body[key] for key in _MANIFEST_KEYS if key in body}
+    result = validate_documents([Document(f"Workflow {namespace}/{name}", 1, manifest)])
+    status = body.get("status") or {}
+    patch.status["observedGeneration"] = meta.get("generation")
+    if not result.ok:
+        problems = "; ".join(f"{e.path}: {e.reason}" if e.path else e.reason for e in result.errors)
+        kept = status.get("version")
+        serving = f"; version {kept} keeps serving" if kept else ""
+        logger.warning(f"invalid spec, not stored{serving}: {problems}")
+        kopf.warn(body, reason="InvalidSpec", message=_clip(f"not stored{serving}: {problems}"))
+        condition = ready_condition(ctx, "False", "InvalidSpec", problems)
+        patch.status["conditions"] = _conditions(condition, status)
+        return
+    workflow = result.workflows[0][1]
+    version, created = await ctx.orchestrator.apply_workflow(namespace, name, workflow.spec)
+    if created:
+        logger.info(f"stored as version {version}")
+    message = f"version {version} serves new executions"
+    patch.status["version"] = version
+    patch.status["conditions"] = _conditions(
+        ready_condition(ctx, "True", "Accepted", message), status
+    )
+
+
+async def start_execution(
+    ctx: HandlerContext,
+    body: kopf.Body,
+    patch: kopf.Patch,
+    logger: logging.Logger | logging.LoggerAdapter[Any],
+    retry: int = 0,
+) -> None:
+    meta = body["metadata"]
+    namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
+    status = body.get("status") or {}
+    try:
+        spec = ExecutionSpec.model_validate(body.get("spec"), by_alias=True, by_name=False)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"spec.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        logger.warning(f"invalid spec, not started: {problems}")
+        kopf.warn(body, reason="InvalidSpec", message=_clip(f"not started: {problems}"))
+        patch.status["phase"] = "Pending"
+        patch.status["conditions"] = _conditions(
+            ready_condition(ctx, "False", "InvalidSpec", problems), status
+        )
+        return
+    await _release_stale(ctx, namespace, name, uid)
+    workflow = spec.workflow_ref.name
+    try:
+        state, _ = await ctx.orchestrator.start(
+            namespace, name, workflow, dict(spec.input), execution_id=uid
+        )
+    except LookupError:
+        message = f"workflow {namespace}/{workflow} has no valid version yet"
+        if retry == 0:  # one Event, not one per retry
+            kopf.warn(body, reason="WorkflowNotReady", message=message)
+        patch.status["phase"] = "Pending"
+        patch.status["conditions"] = _conditions(
+            ready_condition(ctx, "False", "WorkflowNotReady", message), status
+        )
+        raise kopf.TemporaryError(message, delay=ctx.workflow_wait_seconds) from None
+    async with ctx.pool.acquire() as conn:
+        ttl = spec.ttl_seconds_after_finished
+        if ttl is None:
+            ttl = await mirror_rows.workflow_ttl(conn, namespace, workflow, state.version)
+        await mirror_rows.track(conn, uid, namespace, name, ttl)
+
+
+async def _release_stale(ctx: HandlerContext, namespace: str, name: str, uid: str) -> None:
+    """Free the name from a run whose object is gone without its delete handler.
+
+    Kubernetes names are unique, so a live run of this name with another uid
+    belongs to an object deleted while its finalizer was removed by hand.
+    """
+    async with ctx.pool.acquire() as conn:
+        holder = await mirror_rows.live_holder(conn, namespace, name)
+    if holder is None or holder[0] == uid:
+        return
+    await stop_execution(ctx, namespace, name, holder[0], "its object was replaced")
+
+
+async def stop_execution(
+    ctx: HandlerContext, namespace: str, name: str, uid: str, why: str
+) -> None:
+    """Cancel the run if it is still going, then release its name. History stays."""
+    async with ctx.pool.acquire() as conn:
+        state = await ctx.orchestrator.store.get_execution_by_id(conn, uid)
+    if state is not None and not state.phase.is_terminal:
+        await ctx.orchestrator.cancel(namespace, name, why, execution_id=uid)
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        await mirror_rows.release(conn, uid, ctx.clock())
+
+
+def build_registry(ctx: HandlerContext) -> kopf.OperatorRegistry:
+    """A registry with the operator's handlers."""
+    registry = kopf.OperatorRegistry()
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        # In a pod the service account; elsewhere $KUBECONFIG or ~/.kube/config.
+        return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+    @kopf.on.resume(API_GROUP, VERSION, WORKFLOWS, registry=registry)
+    @kopf.on.create(API_GROUP, VERSION, WORKFLOWS, registry=registry)
+    @kopf.on.update(API_GROUP, VERSION, WORKFLOWS, registry=registry, field="spec")
+    async def workflow(body: kopf.Body, patch: kopf.Patch, logger: Any, **_: Any) -> None:
+        await reconcile_workflow(ctx, body, patch, logger)
+
+    @kopf.on.resume(API_GROUP, VERSION, EXECUTIONS, registry=registry)
+    @kopf.on.create(API_GROUP, VERSION, EXECUTIONS, registry=registry)
+    async def execution(
+        body: kopf.Body, patch: kopf.Patch, logger: Any, retry: int, **_: Any
+    ) -> None:
+        await start_execution(ctx, body, patch, logger, retry)
+
+    @kopf.on.update(API_GROUP, VERSION, EXECUTIONS, registry=registry, field="spec")
+    async def execution_spec_changed(body: kopf.Body, **_: Any) -> None:
+        message = "spec changes after the start are ignored: the run keeps its input"
+        kopf.warn(body, reason="SpecChangeIgnored", message=message)
+
+    @kopf.on.delete(API_GROUP, VERSION, EXECUTIONS, registry=registry)
+    async def execution_deleted(body: kopf.Body, logger: Any, **_: Any) -> None:
+        meta = body["metadata"]
+        why = "Execution object deleted"
+        await stop_execution(ctx, meta["namespace"], meta["name"], meta["uid"], why)
+        logger.info("cancelled if running; name released, history kept")
+
+    return registry

@@ -1,0 +1,169 @@
+"""Write Postgres state back to the Execution objects: status, Events, TTL deletion.
+
+Postgres is authoritative; an object's `status` is a bounded view of it and its
+Events are its history, as far as the mirror has got. The mirror is a loop beside
+kopf, woken by the store's notification on every committed transition:
+
+- It takes the object-backed executions whose revision is ahead of what their
+  object shows, locking their mirror rows (`SKIP LOCKED`: replicas share the work).
+- It posts the history rows not yet posted as Events (named after the row, so a
+  repeat after a crash is "already exists"), then writes the status.
+- A status write never goes backwards: it is skipped when the object already shows
+  this revision or a later one, and it is a merge patch conditioned on the
+  resourceVersion just read, so a concurrent writer makes it retry, not clobber.
+- Only after both succeeded does the mirror row advance; a failure is retried on
+  the next pass.
+
+The TTL collector deletes objects whose execution finished more than their
+`ttlSecondsAfterFinished` ago; the delete handler then releases the name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import Any
+
+import asyncpg
+
+from sagaflow.adapters.postgres import mirror_rows
+from sagaflow.adapters.postgres.mirror_rows import Pending
+from sagaflow.adapters.postgres.notify import Notifications
+from sagaflow.adapters.postgres.store import EXECUTIONS_CHANNEL
+from sagaflow.core.ports import Clock, utc_now
+from sagaflow.core.status import bounded_status, execution_status, keep_transition_times
+from sagaflow.kube.api import EXECUTIONS, ConflictError, KubeApi
+from sagaflow.kube.events import event_for
+
+log = logging.getLogger("sagaflow.mirror")
+
+_WRITE_TRIES = 3  # conflicts in a row before the execution waits for the next pass
+
+
+def status_patch(pending: Pending, obj: dict[str, Any]) -> dict[str, Any] | None:
+    """The merge patch that brings `obj`'s status to `pending`'s state; None if stale.
+
+    Keys the new status no longer has are removed (null), conditions keep their
+    transition time while their status holds, and the patch carries the object's
+    resourceVersion so the API server refuses it if the object changed meanwhile.
+    """
+    current = obj.get("status") or {}
+    shown = current.get("revision")
+    if isinstance(shown, int) and shown >= pending.state.revision:
+        return None
+    status = bounded_status(execution_status(pending.state))
+    status["conditions"] = keep_transition_times(status["conditions"], current.get("conditions"))
+    generation = obj.get("metadata", {}).get("generation")
+    if isinstance(generation, int):
+        status["observedGeneration"] = generation
+    removed = {key: None for key in current if key not in status}
+    return {
+        "metadata": {"resourceVersion": obj["metadata"]["resourceVersion"]},
+        "status": {**removed, **status},
+    }
+
+
+class StatusMirror:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        api: KubeApi,
+        *,
+        clock: Clock = utc_now,
+        batch_size: int = 64,
+        events_per_pass: int = 200,
+        poll_seconds: float = 2.0,
+        instance: str | None = None,
+    ) -> None:
+        self.pool = pool
+        self.api = api
+        self.clock = clock
+        self.batch_size = batch_size
+        self.events_per_pass = events_per_pass
+        self.poll_seconds = poll_seconds
+        self.instance = instance or socket.gethostname()
+
+    async def mirror_once(self) -> int:
+        """Bring up to one batch of objects up to date; return how many now are."""
+        done = 0
+        async with self.pool.acquire() as conn, conn.transaction():
+            pending = await mirror_rows.lock_pending(conn, self.batch_size)
+            for item in pending:
+                try:
+                    done += await self._mirror(conn, item)
+                except Exception:
+                    # One object's trouble (RBAC, a webhook, a network blip) must not
+                    # stall the others: its row stays behind and is retried next pass.
+                    log.exception("mirroring %s/%s failed", item.namespace, item.name)
+        return done
+
+    async def _mirror(self, conn: asyncpg.Connection, item: Pending) -> bool:
+        rows = await mirror_rows.history_after(
+            conn, item.execution_id, item.event_seq, self.events_per_pass
+        )
+        for row in rows:
+            event = event_for(
+                row,
+                namespace=item.namespace,
+                name=item.name,
+                execution_id=item.execution_id,
+                instance=self.instance,
+            )
+            if event is not None:
+                await self.api.create_event(item.namespace, event)
+        last_seq = rows[-1].seq if rows else item.event_seq
+        more_events = len(rows) == self.events_per_pass
+        written = await self._write_status(item)
+        # With events still to post the revision is not recorded as mirrored, so the
+        # execution comes back on the next pass.
+        done = written and not more_events
+        await mirror_rows.advance(
+            conn, item.execution_id, item.state.revision if done else -1, last_seq
+        )
+        return done
+
+    async def _write_status(self, item: Pending) -> bool:
+        for _ in range(_WRITE_TRIES):
+            obj = await self.api.get(EXECUTIONS, item.namespace, item.name)
+            if obj is None or obj.get("metadata", {}).get("uid") != item.execution_id:
+                # Gone, or the name now belongs to a newer object: nothing to write
+                # (the delete handler releases this execution).
+                return True
+            patch = status_patch(item, obj)
+            if patch is None:
+                return True
+            try:
+                await self.api.patch_status(EXECUTIONS, item.namespace, item.name, patch)
+                return True
+            except ConflictError:
+                continue
+        return False
+
+    async def collect_once(self) -> int:
+        """Delete the objects of executions finished longer ago than their TTL."""
+        async with self.pool.acquire() as conn:
+            expired = await mirror_rows.expired(conn, self.clock(), self.batch_size)
+        for row in expired:
+            namespace, name, uid = row["namespace"], row["name"], row["execution_id"]
+            log.info("deleting %s/%s: finished longer than its TTL ago", namespace, name)
+            # The uid precondition: never delete a newer object that took the name.
+            await self.api.delete(EXECUTIONS, namespace, name, uid=uid)
+        return len(expired)
+
+    async def run(self, stop: asyncio.Event, dsn: str) -> None:
+        notes = Notifications(dsn, (EXECUTIONS_CHANNEL,))
+        await notes.start()
+        try:
+            while not stop.is_set():
+                try:
+                    while await self.mirror_once() == self.batch_size:
+                        pass
+                    await self.collect_once()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("status mirror pass failed")
+                await notes.wait(EXECUTIONS_CHANNEL, self.poll_seconds)
+        finally:
+            await notes.close()
