@@ -63,7 +63,8 @@ def execution_status(state: ExecutionState) -> dict[str, Any]:
         status["startedAt"] = _ts(state.started_at)
     if state.finished_at:
         status["finishedAt"] = _ts(state.finished_at)
-    current = current_steps(state)
+    # A finished run has no current step, though an attempt may still be out there.
+    current = [] if state.phase.is_terminal else current_steps(state)
     if current:
         status["currentSteps"] = current
     status["steps"] = [step_status(s) for s in state.steps.values()]
@@ -159,7 +160,8 @@ def _size(value: Any) -> int:
 def _clip(text: str) -> str:
     if len(text) <= MAX_MESSAGE_CHARS:
         return text
-    return text[: MAX_MESSAGE_CHARS - 14] + "... (truncated)"
+    suffix = "... (truncated)"
+    return text[: MAX_MESSAGE_CHARS - len(suffix)] + suffix
 
 
 def _clip_error(holder: dict[str, Any]) -> None:
