@@ -20,7 +20,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from sagaflow.core.crds import custom_resource_definitions, render_yaml
+from sagaflow.core.crds import custom_resource_definitions, peering_definitions, render_yaml
 from sagaflow.core.manifests import Execution, Workflow
 
 REPO = Path(__file__).resolve().parents[2]
@@ -74,7 +74,17 @@ def test_files_in_crds_match_the_models() -> None:
 
 def test_files_are_plain_yaml_of_the_crds() -> None:
     loaded = [yaml.safe_load(text) for text in render_yaml().values()]
-    assert loaded == custom_resource_definitions()
+    assert loaded == custom_resource_definitions() + peering_definitions()
+
+
+def test_peering_crds_are_structural_and_free_form() -> None:
+    # kopf writes its own status into peering objects: the schema must keep it.
+    for crd in peering_definitions():
+        schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+        assert schema["type"] == "object"
+        assert schema["properties"]["status"]["x-kubernetes-preserve-unknown-fields"] is True
+    scopes = {c["spec"]["names"]["kind"]: c["spec"]["scope"] for c in peering_definitions()}
+    assert scopes == {"ClusterKopfPeering": "Cluster", "KopfPeering": "Namespaced"}
 
 
 # --- shape of the CRDs ----------------------------------------------------------------

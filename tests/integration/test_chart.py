@@ -126,7 +126,13 @@ def merged(*layers: dict[str, Any]) -> dict[str, Any]:
 def test_renders_with_default_values(chart: Any) -> None:
     docs = documents(render(chart))
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds == ["ClusterRole", "ClusterRoleBinding", "Deployment", "ServiceAccount"]
+    assert kinds == [
+        "ClusterKopfPeering",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Deployment",
+        "ServiceAccount",
+    ]
     (operator,) = containers(docs)
     assert operator["command"] == ["sagaflow", "operator"]
     assert operator["image"] == f"ghcr.io/sagaflow/sagaflow:{chart.metadata['appVersion']}"
@@ -301,8 +307,33 @@ def test_rbac_lists_everything_exactly(chart: Any, values: dict[str, Any]) -> No
         assert ("sagaflow.io", f"{resource}/finalizers", "update") in granted
     assert {("", "events", "create"), ("", "events", "patch")} <= granted
     assert ("kopf.dev", "kopfpeerings", "watch") in granted
+    # Delete only where the operator deletes: finished Executions past their TTL.
+    assert {(g, r) for g, r, v in granted if v == "delete"} == {("sagaflow.io", "executions")}
     verbs = {v for _g, _r, v in granted}
-    assert verbs <= {"get", "list", "watch", "patch", "update", "create"}
+    assert verbs <= {"get", "list", "watch", "patch", "update", "create", "delete"}
+
+
+@pytest.mark.parametrize(
+    ("values", "kind", "namespaces"),
+    [({}, "ClusterKopfPeering", [None]), (AZURE_VALUES, "KopfPeering", ["billing", "orders"])],
+    ids=["cluster", "namespaced"],
+)
+def test_peering_objects_match_the_watch_scope(
+    chart: Any, values: dict[str, Any], kind: str, namespaces: list[str | None]
+) -> None:
+    docs = documents(render(chart, values))
+    peerings = of_kind(docs, kind)
+    assert sorted(p["metadata"].get("namespace") or "" for p in peerings) == sorted(
+        n or "" for n in namespaces
+    )
+    (operator,) = [c for c in containers(docs) if c["name"] == "operator"]
+    assert {p["metadata"]["name"] for p in peerings} == {
+        env_of(operator)["SAGAFLOW_PEERING_NAME"]["value"]
+    }
+    docs = documents(render(chart, {**values, "operator": {"peering": False}}))
+    assert not of_kind(docs, "ClusterKopfPeering") and not of_kind(docs, "KopfPeering")
+    (operator,) = [c for c in containers(docs) if c["name"] == "operator"]
+    assert "SAGAFLOW_PEERING_NAME" not in env_of(operator)
 
 
 def test_namespaced_rbac_has_one_role_per_watched_namespace(chart: Any) -> None:
@@ -374,7 +405,12 @@ def test_loaded_chart_carries_the_crds(chart: Any) -> None:
     generated = {p.name: p.read_text() for p in (ROOT / "crds").glob("*.yaml")}
     assert shipped == generated
     names = {yaml.safe_load(text)["metadata"]["name"] for text in shipped.values()}
-    assert names == {"executions.sagaflow.io", "workflows.sagaflow.io"}
+    assert names == {
+        "executions.sagaflow.io",
+        "workflows.sagaflow.io",
+        "clusterkopfpeerings.kopf.dev",
+        "kopfpeerings.kopf.dev",
+    }
 
 
 # --- Argo CD health checks ---------------------------------------------------------

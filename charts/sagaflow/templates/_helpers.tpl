@@ -145,6 +145,10 @@ annotations:
 - apiGroups: ["sagaflow.io"]
   resources: ["workflows", "executions"]
   verbs: ["get", "list", "watch", "patch"]
+# Finished Executions are deleted after their ttlSecondsAfterFinished.
+- apiGroups: ["sagaflow.io"]
+  resources: ["executions"]
+  verbs: ["delete"]
 - apiGroups: ["sagaflow.io"]
   resources: ["workflows/status", "executions/status"]
   verbs: ["patch"]

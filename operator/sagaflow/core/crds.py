@@ -37,7 +37,7 @@ from sagaflow.core.manifests import (
 VERSION = "v1alpha1"
 CATEGORIES = ["sagaflow"]
 HEADER = (
-    "# generated from operator/sagaflow/core/manifests.py by "
+    "# generated from operator/sagaflow/core (manifests.py, crds.py) by "
     "`python -m sagaflow.local.crdgen`; do not edit\n"
 )
 
@@ -202,10 +202,52 @@ class _NoAliasDumper(yaml.SafeDumper):
         return True
 
 
+PEERING_GROUP = "kopf.dev"
+
+
+def peering_definitions() -> list[dict[str, Any]]:
+    """The CRDs of kopf's peering objects, through which operator replicas elect one
+    to run handlers: `ClusterKopfPeering` for a cluster-wide operator, `KopfPeering`
+    for one that watches namespaces. kopf reads and writes their free-form status."""
+    free_form = {
+        "type": "object",
+        "properties": {
+            "status": {"type": "object", _PRESERVE: True},
+        },
+        _PRESERVE: True,
+    }
+    crds = []
+    for kind, plural, scope in (
+        ("ClusterKopfPeering", "clusterkopfpeerings", "Cluster"),
+        ("KopfPeering", "kopfpeerings", "Namespaced"),
+    ):
+        crds.append(
+            {
+                "apiVersion": "apiextensions.k8s.io/v1",
+                "kind": "CustomResourceDefinition",
+                "metadata": {"name": f"{plural}.{PEERING_GROUP}"},
+                "spec": {
+                    "group": PEERING_GROUP,
+                    "names": {"kind": kind, "plural": plural, "singular": kind.lower()},
+                    "scope": scope,
+                    "versions": [
+                        {
+                            "name": "v1",
+                            "served": True,
+                            "storage": True,
+                            "schema": {"openAPIV3Schema": free_form},
+                        }
+                    ],
+                },
+            }
+        )
+    return crds
+
+
 def render_yaml() -> dict[str, str]:
-    """`{file name: YAML text}` for `crds/`, one file per CRD."""
+    """`{file name: YAML text}` for `crds/`, one file per CRD (ours, then kopf's peering)."""
     return {
-        f"{API_GROUP}_{crd['spec']['names']['plural']}.yaml": HEADER
+        f"{crd['spec']['group']}_{crd['spec']['names']['plural']}.yaml": HEADER
         + yaml.dump(crd, Dumper=_NoAliasDumper, sort_keys=False, width=100)
-        for crd in custom_resource_definitions()
+        for crd in custom_resource_definitions() + peering_definitions()
     }
