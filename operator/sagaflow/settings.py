@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     # Empty: every replica runs them (safe too: starts are keyed by uid, transitions
     # by row locks; peering only saves duplicate work).
     peering_name: str = ""
+    # kopf pauses every replica when peers share a priority, so each replica needs its
+    # own: unset, a random one (the highest live replica runs the handlers).
+    peering_priority: int | None = Field(default=None, ge=0, le=2**31 - 1)
     # How often the status mirror and TTL collector look without being woken.
     mirror_poll_seconds: float = Field(default=2.0, gt=0, le=300)
     # How long an Execution whose Workflow has no valid version waits between checks.

@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import kmock
 import pytest
 import yaml
 from operator_proc import ROOT, Process, base_env, free_port, running
@@ -29,6 +30,7 @@ from tests.support.kube import (
 )
 
 NS = "team-a"
+VERBS = {"create", "delete", "get", "list", "patch", "update", "watch"}
 SAMPLE = ROOT / "samples" / "order-fulfilment.yaml"
 Body = dict[str, Any]
 
@@ -335,3 +337,75 @@ async def test_an_operator_restart_mid_execution_resumes_it(cluster: Cluster) ->
         assert [s["phase"] for s in body["status"]["steps"]] == ["Succeeded"] * 3
     reasons = [e["reason"] for e in cluster.events_of("paused-1")]
     assert reasons.count("ExecutionStarted") == 1 and reasons[-1] == "ExecutionCompleted"
+
+
+async def many_runs(cluster: Cluster, count: int) -> list[Body]:
+    for doc in sample_documents():
+        if doc["kind"] == "Workflow":
+            await cluster.apply(WORKFLOWS, doc)
+    template = next(d for d in sample_documents() if d["kind"] == "Execution")
+    names = [f"order-{i}" for i in range(count)]
+    for name in names:
+        await cluster.apply(EXECUTIONS, {**template, "metadata": {"name": name}})
+    return [
+        await cluster.wait_status(EXECUTIONS, name, phase_is("Completed", "Failed"), within=60)
+        for name in names
+    ]
+
+
+def second_operator(cluster: Cluster, tmp: Path, **env: str) -> Process:
+    extra = {**cluster.operator.env, "SAGAFLOW_HEALTH_PORT": str(free_port()), **env}
+    return Process("operator-2", ["operator"], extra, tmp / "operator-2.log")
+
+
+async def test_two_operator_replicas_run_each_execution_once(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    async with running(second_operator(cluster, tmp_path)):
+        done = await many_runs(cluster, 6)
+    assert all(b["status"]["phase"] == "Completed" for b in done)
+    conn = await asyncpg.connect(cluster.dsn)
+    try:
+        runs = await conn.fetchval("SELECT count(*) FROM sagaflow_executions")
+        posted = await conn.fetchval(
+            "SELECT count(*) FROM sagaflow_history WHERE kind <> 'MessageIgnored'"
+        )
+    finally:
+        await conn.close()
+    assert runs == 6  # both replicas saw every object; each started once
+    events = [e for e in cluster.api.bodies(EVENTS) if e["involvedObject"]["kind"] == "Execution"]
+    assert len(events) == posted  # every transition posted once, none twice
+
+
+PEERINGS = kmock.resource("kopf.dev", "v1", "kopfpeerings")
+
+
+async def test_with_a_peering_object_one_replica_runs_the_handlers(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    cluster.api.resources[PEERINGS] = kmock.ResourceInfo(
+        namespaced=True, kind="KopfPeering", singular="kopfpeering", verbs=VERBS
+    )
+    await cluster.apply(
+        PEERINGS,
+        {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "sagaflow"}},
+    )
+    await cluster.operator.stop()
+    peered = {"SAGAFLOW_PEERING_NAME": "sagaflow"}
+    cluster.operator.env.update(peered, SAGAFLOW_PEERING_PRIORITY="100")
+    low = second_operator(cluster, tmp_path, SAGAFLOW_PEERING_PRIORITY="50", **peered)
+    await cluster.operator_watching()
+    async with running(low):
+        peering = await cluster.api.wait_for(
+            PEERINGS, NS, "sagaflow", lambda b: b is not None and len(b.get("status") or {}) == 2
+        )
+        assert sorted(p["priority"] for p in peering["status"].values()) == [50, 100]
+        done = await many_runs(cluster, 3)
+        assert all(b["status"]["phase"] == "Completed" for b in done)
+        assert "Handler" not in low.output()  # paused: the higher priority ran them all
+        await cluster.operator.stop()  # the leader goes: the other takes over
+        order = next(d for d in sample_documents() if d["kind"] == "Execution")["spec"]["input"]
+        await cluster.apply(EXECUTIONS, execution("after", "order-fulfilment", input=order))
+        body = await cluster.wait_status(EXECUTIONS, "after", phase_is("Completed", "Failed"))
+        assert body["status"]["phase"] == "Completed"
+        assert "Resuming operations" in low.output()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import sys
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,13 @@ def kopf_settings(settings: Settings) -> kopf.OperatorSettings:
     # first): no need to watch CRDs or list namespaces, nor the RBAC for it.
     config.scanning.disabled = True
     return config
+
+
+def _priority(settings: Settings) -> int:
+    if settings.peering_priority is not None:
+        return settings.peering_priority
+    # Not for security: distinct numbers so replicas can rank themselves.
+    return random.randint(1, 2**31 - 1)  # noqa: S311
 
 
 async def run_operator(settings: Settings, api: KubeApi | None = None) -> int:
@@ -143,6 +151,7 @@ async def _serve(
             namespaces=namespaces,
             standalone=not settings.peering_name,
             peering_name=settings.peering_name or None,
+            priority=_priority(settings),
             ready_flag=ready,
         )
     finally:
