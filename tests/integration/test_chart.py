@@ -449,6 +449,37 @@ EXECUTIONS = {
         "Progressing",
         "Execution running",
     ),
+    "retrying": (
+        {
+            "phase": "Running",
+            "conditions": [
+                *succeeded("Unknown", "Running", "execution running"),
+                {
+                    "type": "Ready",
+                    "status": "False",
+                    "reason": "StepRetrying",
+                    "message": "step charge attempt 1 failed; retry at 10:00",
+                },
+            ],
+        },
+        "Progressing",
+        "step charge attempt 1 failed; retry at 10:00",
+    ),
+    "waiting-for-workflow": (
+        {
+            "phase": "Pending",
+            "conditions": [
+                {
+                    "type": "Ready",
+                    "status": "False",
+                    "reason": "WorkflowNotReady",
+                    "message": "workflow orders/order has no valid version yet",
+                }
+            ],
+        },
+        "Progressing",
+        "workflow orders/order has no valid version yet",
+    ),
     "compensating": ({"phase": "Compensating"}, "Progressing", "Execution compensating"),
     "suspended": ({"phase": "Suspended"}, "Suspended", "Execution suspended"),
     "completed": (

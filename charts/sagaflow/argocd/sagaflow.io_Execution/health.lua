@@ -1,17 +1,23 @@
 -- Argo CD health check for sagaflow.io/Execution.
 -- Completed -> Healthy; Failed, Cancelled -> Degraded; Suspended -> Suspended;
--- anything else (no status yet, Pending, Running, Compensating) -> Progressing.
+-- anything else (no status yet, Pending, Running, Compensating) -> Progressing, with
+-- the Ready condition's message when it is False (a step waiting to retry, a workflow
+-- without a valid version).
 local hs = {}
 
-local function succeededCondition(status)
+local function findCondition(status, kind)
   if status.conditions ~= nil then
     for _, condition in ipairs(status.conditions) do
-      if condition.type == "Succeeded" then
+      if condition.type == kind then
         return condition
       end
     end
   end
   return nil
+end
+
+local function succeededCondition(status)
+  return findCondition(status, "Succeeded")
 end
 
 local function failureMessage(status, phase)
@@ -48,5 +54,9 @@ elseif phase == "Suspended" then
 else
   hs.status = "Progressing"
   hs.message = "Execution " .. string.lower(phase)
+  local ready = findCondition(obj.status, "Ready")
+  if ready ~= nil and ready.status == "False" and ready.message ~= nil and ready.message ~= "" then
+    hs.message = ready.message
+  end
 end
 return hs
