@@ -46,9 +46,15 @@ class HealthServer:
         return aiohttp.web.Response(status=503, text=f"{problem}\n")
 
     async def start(self) -> None:
+        async def healthz(_: aiohttp.web.Request) -> aiohttp.web.Response:
+            return await self._answer(self._live)
+
+        async def readyz(_: aiohttp.web.Request) -> aiohttp.web.Response:
+            return await self._answer(self._ready)
+
         app = aiohttp.web.Application()
-        app.router.add_get("/healthz", lambda _: self._answer(self._live))
-        app.router.add_get("/readyz", lambda _: self._answer(self._ready))
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/readyz", readyz)
         self._runner = aiohttp.web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = aiohttp.web.TCPSite(self._runner, self.host, self.port)
