@@ -6,8 +6,8 @@
 #
 #   docker build -t sagaflow:dev .
 #
-# linux/amd64 only for now: the pgserver dependency (embedded Postgres of local mode,
-# never used in a cluster) publishes no Linux arm64 wheel.
+# On linux/arm64 the image has no embedded Postgres (pgserver publishes no wheel for
+# it); a cluster never uses one: the chart always sets SAGAFLOW_DATABASE_URL.
 
 FROM python:3.12-slim AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1

@@ -56,6 +56,11 @@ def _import_pgserver(runtime_dir: Path) -> Any:
         import pgserver
 
         return pgserver
+    except ImportError as exc:
+        raise RuntimeError(
+            "the embedded Postgres (pgserver) is not installed on this platform: "
+            "set SAGAFLOW_DATABASE_URL to an external Postgres"
+        ) from exc
     finally:
         if previous is None:
             del os.environ["XDG_RUNTIME_DIR"]
