@@ -1,11 +1,13 @@
 """The in-memory API server (`tests/support/kube.py`) behaves like a Kubernetes API
 server where kopf depends on it: object metadata, optimistic concurrency, the /status
 split, finalizers, and a tiny kopf operator (defined here, not sagaflow's) running
-against it end to end."""
+against it end to end; and the Table rules `kubectl get` relies on (kubectl itself runs
+against the server in `test_kubectl.py`)."""
 
 from __future__ import annotations
 
 import asyncio
+import datetime
 import threading
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from tests.support.kube import (
     running_api_server,
     write_kubeconfig,
 )
+from tests.support.kube_tables import cell, first_match, human_duration
 
 NS = "testns"
 
@@ -293,3 +296,48 @@ async def test_kubeconfig_serves_the_kubernetes_client(api: ApiServer, tmp_path:
     assert created["metadata"]["uid"] and created["metadata"]["generation"] == 1
     assert [item["metadata"]["name"] for item in listed["items"]] == ["wf"]
     assert listed["metadata"]["resourceVersion"] == created["metadata"]["resourceVersion"]
+
+
+# -- Tables: the rules kubectl cannot show in a quick test -----------------------------
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("seconds", "printed"),
+    [
+        (-5, "<invalid>"),
+        (-1, "0s"),
+        (119, "119s"),
+        (120, "2m"),
+        (5 * 60 + 3, "5m3s"),
+        (10 * 60 + 3, "10m"),
+        (3 * 3600 + 5 * 60, "3h5m"),
+        (8 * 3600 + 5 * 60, "8h"),
+        (2 * 86400 + 4 * 3600, "2d4h"),
+        (8 * 86400 + 4 * 3600, "8d"),
+        (3 * 365 * 86400 + 86400, "3y1d"),
+        (9 * 365 * 86400, "9y"),
+    ],
+)
+def test_table_ages_read_as_kubectl_prints_them(seconds: int, printed: str) -> None:
+    assert human_duration(seconds) == printed
+
+
+@pytest.mark.timeout(30)
+def test_table_cells_take_the_first_match_and_only_values_of_their_type() -> None:
+    steps = [
+        {"name": "a", "phase": "Succeeded", "attempts": 1},
+        {"name": "b", "phase": "Running", "attempts": 3},
+        {"name": "c", "phase": "Running", "attempts": 1},
+    ]
+    body = {"metadata": {"name": "x"}, "status": {"steps": steps}}
+    now = datetime.datetime.now(tz=datetime.UTC)
+    running = [step["attempts"] for step in steps if step["phase"] == "Running"]
+    assert first_match('.status.steps[?(@.phase=="Running")].attempts', body) == running[0]
+    assert first_match(".status.steps[*].name", body) == steps[0]["name"]
+    assert first_match(".status.missing[0]", body) is None
+    assert cell("integer", "3", now) is None and cell("integer", True, now) is None
+    printed = cell("string", {"z": 1, "a": [True]}, now)  # a map: compact JSON, keys sorted
+    assert printed == '{"a":[true],"z":1}'
+    assert cell("string", False, now) == "false" and cell("boolean", False, now) is False
+    assert cell("date", "not a time", now) == "<invalid>"

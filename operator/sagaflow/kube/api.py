@@ -11,6 +11,9 @@ threads so they never stall the event loop kopf and the orchestrator share.
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 import kubernetes
@@ -45,6 +48,10 @@ class KubeApi(Protocol):
         """Delete the object if its uid is `uid`; returns quietly when it is gone."""
 
 
+# Calls in flight at once: the mirror's concurrency, threads and pooled connections.
+CONCURRENCY = 16
+
+
 def load_client_config() -> kubernetes.client.ApiClient:
     """In a pod, the service account; elsewhere `$KUBECONFIG` or `~/.kube/config`."""
     config = kubernetes.client.Configuration()
@@ -52,6 +59,7 @@ def load_client_config() -> kubernetes.client.ApiClient:
         kubernetes.config.load_incluster_config(client_configuration=config)  # type: ignore[no-untyped-call]
     except kubernetes.config.ConfigException:
         kubernetes.config.load_kube_config(client_configuration=config)  # type: ignore[no-untyped-call]
+    config.connection_pool_maxsize = CONCURRENCY
     return kubernetes.client.ApiClient(configuration=config)
 
 
@@ -59,10 +67,19 @@ class ClientKubeApi:
     def __init__(self, client: kubernetes.client.ApiClient) -> None:
         self._custom = kubernetes.client.CustomObjectsApi(client)
         self._core = kubernetes.client.CoreV1Api(client)
+        # Its own threads: the loop's default executor is small (CPUs + 4) and shared.
+        self._threads = ThreadPoolExecutor(CONCURRENCY, thread_name_prefix="kube-api")
+
+    async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """The raw response: turning it into the client's model objects costs more CPU
+        than the request itself, and this process also runs kopf and the orchestrator."""
+        loop = asyncio.get_running_loop()
+        call = functools.partial(fn, *args, _preload_content=False, **kwargs)
+        return await loop.run_in_executor(self._threads, call)
 
     async def get(self, plural: str, namespace: str, name: str) -> Body | None:
         try:
-            body: Any = await asyncio.to_thread(
+            response = await self._call(
                 self._custom.get_namespaced_custom_object,
                 API_GROUP,
                 VERSION,
@@ -74,12 +91,13 @@ class ClientKubeApi:
             if exc.status == 404:
                 return None
             raise
-        return dict(body)
+        body: Body = json.loads(response.data)
+        return body
 
     async def patch_status(self, plural: str, namespace: str, name: str, patch: Body) -> None:
         try:
             # A dict body is sent as application/merge-patch+json.
-            await asyncio.to_thread(
+            await self._call(
                 self._custom.patch_namespaced_custom_object_status,
                 API_GROUP,
                 VERSION,
@@ -98,7 +116,7 @@ class ClientKubeApi:
         try:
             # The client serialises a plain dict as it is.
             body: Any = event
-            await asyncio.to_thread(self._core.create_namespaced_event, namespace, body)
+            await self._call(self._core.create_namespaced_event, namespace, body)
         except kubernetes.client.ApiException as exc:
             if exc.status == 409:
                 return False
@@ -107,7 +125,7 @@ class ClientKubeApi:
 
     async def delete(self, plural: str, namespace: str, name: str, *, uid: str) -> None:
         try:
-            await asyncio.to_thread(
+            await self._call(
                 self._custom.delete_namespaced_custom_object,
                 API_GROUP,
                 VERSION,

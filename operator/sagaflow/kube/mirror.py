@@ -23,12 +23,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import asyncpg
 
 from sagaflow.adapters.postgres import mirror_rows
-from sagaflow.adapters.postgres.mirror_rows import Pending
+from sagaflow.adapters.postgres.mirror_rows import HistoryRow, Pending
 from sagaflow.adapters.postgres.notify import Notifications
 from sagaflow.adapters.postgres.store import EXECUTIONS_CHANNEL
 from sagaflow.core.ports import Clock, utc_now
@@ -37,6 +38,7 @@ from sagaflow.kube.api import EXECUTIONS, ConflictError, KubeApi
 from sagaflow.kube.events import event_for
 
 log = logging.getLogger("sagaflow.mirror")
+T = TypeVar("T")
 
 _WRITE_TRIES = 3  # conflicts in a row before the execution waits for the next pass
 
@@ -74,6 +76,7 @@ class StatusMirror:
         batch_size: int = 64,
         events_per_pass: int = 200,
         poll_seconds: float = 2.0,
+        concurrency: int = 16,
         instance: str | None = None,
     ) -> None:
         self.pool = pool
@@ -83,45 +86,75 @@ class StatusMirror:
         self.events_per_pass = events_per_pass
         self.poll_seconds = poll_seconds
         self.instance = instance or socket.gethostname()
+        self._api_slots = asyncio.Semaphore(concurrency)
 
     async def mirror_once(self) -> int:
-        """Bring up to one batch of objects up to date; return how many now are."""
-        done = 0
+        """Bring up to one batch of objects up to date; return how many now are.
+
+        The database work is sequential on one connection; the API calls of the
+        batch's executions run side by side (each execution's own in order), since
+        round trips to the API server, not the database, bound the mirror.
+        """
         async with self.pool.acquire() as conn, conn.transaction():
             pending = await mirror_rows.lock_pending(conn, self.batch_size)
-            for item in pending:
-                try:
-                    done += await self._mirror(conn, item)
-                except Exception:
-                    # One object's trouble (RBAC, a webhook, a network blip) must not
-                    # stall the others: its row stays behind and is retried next pass.
-                    log.exception("mirroring %s/%s failed", item.namespace, item.name)
+            histories = [
+                await mirror_rows.history_after(
+                    conn, item.execution_id, item.event_seq, self.events_per_pass
+                )
+                for item in pending
+            ]
+            outcomes = await asyncio.gather(
+                *(self._mirror(item, rows) for item, rows in zip(pending, histories, strict=True))
+            )
+            done = 0
+            for item, rows, written in zip(pending, histories, outcomes, strict=True):
+                if written is None:
+                    continue  # all again next pass; posted Events answer "already exists"
+                last_seq = rows[-1].seq if rows else item.event_seq
+                # With Events still to post, or a status not written, the revision is
+                # not recorded as mirrored: the execution comes back on the next pass.
+                complete = written and len(rows) < self.events_per_pass
+                revision = item.state.revision if complete else -1
+                await mirror_rows.advance(conn, item.execution_id, revision, last_seq)
+                done += complete
         return done
 
-    async def _mirror(self, conn: asyncpg.Connection, item: Pending) -> bool:
-        rows = await mirror_rows.history_after(
-            conn, item.execution_id, item.event_seq, self.events_per_pass
-        )
-        for row in rows:
-            event = event_for(
-                row,
-                namespace=item.namespace,
-                name=item.name,
-                execution_id=item.execution_id,
-                instance=self.instance,
+    async def _mirror(self, item: Pending, rows: list[HistoryRow]) -> bool | None:
+        """Post the Events and write the status: whether it was written, None on error.
+
+        All of it runs side by side: Events carry their own times (kubectl sorts by
+        them), and a status written while an Event failed is only skipped as stale
+        when the execution comes back on the next pass.
+        """
+        events = [
+            event
+            for row in rows
+            if (
+                event := event_for(
+                    row,
+                    namespace=item.namespace,
+                    name=item.name,
+                    execution_id=item.execution_id,
+                    instance=self.instance,
+                )
             )
-            if event is not None:
-                await self.api.create_event(item.namespace, event)
-        last_seq = rows[-1].seq if rows else item.event_seq
-        more_events = len(rows) == self.events_per_pass
-        written = await self._write_status(item)
-        # With events still to post the revision is not recorded as mirrored, so the
-        # execution comes back on the next pass.
-        done = written and not more_events
-        await mirror_rows.advance(
-            conn, item.execution_id, item.state.revision if done else -1, last_seq
-        )
-        return done
+            is not None
+        ]
+        try:
+            *_, written = await asyncio.gather(
+                *(self._limited(self.api.create_event(item.namespace, e)) for e in events),
+                self._limited(self._write_status(item)),
+            )
+        except Exception:
+            # One object's trouble (RBAC, a webhook, a network blip) must not stall
+            # the others: its row stays behind and is retried next pass.
+            log.exception("mirroring %s/%s failed", item.namespace, item.name)
+            return None
+        return bool(written)
+
+    async def _limited(self, call: Awaitable[T]) -> T:
+        async with self._api_slots:
+            return await call
 
     async def _write_status(self, item: Pending) -> bool:
         for _ in range(_WRITE_TRIES):
