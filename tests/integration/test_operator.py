@@ -28,6 +28,7 @@ from tests.support.kube import (
     running_api_server,
     write_kubeconfig,
 )
+from tests.support.kubectl import Kubectl
 
 from sagaflow.kube.events import COMPONENT
 
@@ -418,3 +419,46 @@ async def test_with_a_peering_object_one_replica_runs_the_handlers(
         body = await cluster.wait_status(EXECUTIONS, "after", phase_is("Completed", "Failed"))
         assert body["status"]["phase"] == "Completed"
         assert "Resuming operations" in low.output()
+
+
+async def test_kubectl_shows_where_an_execution_is_and_why(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    kubectl = Kubectl(cluster.api.url, tmp_path / "kubectl", namespace=NS)
+    await kubectl.run("apply", "-f", str(ROOT / "samples"))
+    await kubectl.run(
+        "wait",
+        "--for=jsonpath={.status.phase}=Completed",
+        "execution/order-1001",
+        "--timeout=60s",
+    )
+    # A charge the gateway times out on, retried only after an hour: it waits, visibly.
+    steps = [
+        {
+            "name": "charge",
+            "type": "payments.charge",
+            "input": {"customer": "ada", "amount": 5},
+            "retry": {"maxAttempts": 3, "initialInterval": "1h"},
+        }
+    ]
+    await cluster.apply(WORKFLOWS, workflow("patient", steps))
+    await cluster.apply(EXECUTIONS, execution("patient-1", "patient"))
+    await cluster.wait_status(EXECUTIONS, "patient-1", lambda s: "nextRetryAt" in s)
+
+    table = (await kubectl.run("get", "executions")).stdout
+    rows = {line.split()[0]: line.split() for line in table.splitlines()[1:]}
+    assert rows["order-1001"][1:4] == ["order-fulfilment", "1", "Completed"]
+    assert rows["patient-1"][1:5] == ["patient", "1", "Running", "charge"]
+
+    described = (await kubectl.run("describe", "execution", "patient-1")).stdout
+    for expected in (
+        "Phase:",
+        "Running",
+        "Current Steps:",
+        "charge",
+        "Next Retry At:",
+        "GatewayTimeout",  # the last error, on the step and in the Ready condition
+        "StepRetrying",  # the Ready condition's reason and the Event's
+        "attempt 2 in 300s",  # the Event says when (capped by the default maxInterval)
+    ):
+        assert expected in described, (expected, described)
