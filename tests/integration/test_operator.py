@@ -406,8 +406,14 @@ async def test_with_a_peering_object_one_replica_runs_the_handlers(
     low = second_operator(cluster, tmp_path, SAGAFLOW_PEERING_PRIORITY="50", **peered)
     await cluster.operator_watching()
     async with running(low):
+        # kopf starts a peered operator paused until it has read the peering object:
+        # the lower priority never runs a handler while the higher one lives.
         peering = await cluster.api.wait_for(
-            PEERINGS, NS, "sagaflow", lambda b: b is not None and len(b.get("status") or {}) == 2
+            PEERINGS,
+            NS,
+            "sagaflow",
+            lambda b: b is not None and len(b.get("status") or {}) == 2,
+            within=30,
         )
         assert sorted(p["priority"] for p in peering["status"].values()) == [50, 100]
         done = await many_runs(cluster, 3)
