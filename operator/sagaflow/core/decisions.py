@@ -35,7 +35,7 @@ class Timer:
 
 @dataclass(frozen=True, slots=True)
 class Record:
-    """One line of an execution's history (and, later, a Kubernetes Event)."""
+    """One line of an execution's history, and in a cluster one Kubernetes Event."""
 
     kind: str
     message: str

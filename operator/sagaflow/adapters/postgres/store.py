@@ -1,7 +1,7 @@
 """Postgres state store: workflow versions, executions, history, inbox, outbox, timers.
 
 Postgres is the authoritative state. This module owns the SQL; the transition
-logic lives in `sagaflow.runtime.transitions`, which calls these methods inside
+logic lives in `sagaflow.runtime.orchestrator`, which calls these methods inside
 one transaction so a state change, the commands it causes and the consumed
 messages commit together. Batches are written with array parameters (one
 statement per table per batch), because the database's commit and round-trip
