@@ -6,12 +6,12 @@ under `lupa`; both are optional, so the suite skips without them.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from chart_values import env_of, merged
 
 helm_python = pytest.importorskip("helm_python")
 lupa = pytest.importorskip("lupa")
@@ -98,26 +98,6 @@ def containers(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [
         c for d in of_kind(docs, "Deployment") for c in d["spec"]["template"]["spec"]["containers"]
     ]
-
-
-def env_of(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {e["name"]: e for e in container["env"]}
-
-
-def merged(*layers: dict[str, Any]) -> dict[str, Any]:
-    def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-        out = copy.deepcopy(base)
-        for key, value in extra.items():
-            if isinstance(value, dict) and isinstance(out.get(key), dict):
-                out[key] = merge(out[key], value)
-            else:
-                out[key] = copy.deepcopy(value)
-        return out
-
-    result: dict[str, Any] = {}
-    for layer in layers:
-        result = merge(result, layer)
-    return result
 
 
 # --- rendering and lint ------------------------------------------------------------

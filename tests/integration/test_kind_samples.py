@@ -13,7 +13,6 @@ runs as. Helm runs through `helm-python-sdk` (no helm binary), skipped without i
 
 from __future__ import annotations
 
-import copy
 import shlex
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import yaml
+from chart_values import env_of, merged
 from kubernetes import client
 
 from sagaflow.core.definition import BUILTIN_TYPES
@@ -65,20 +65,6 @@ def kind_manifests() -> list[dict[str, Any]]:
 def the(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     (found,) = [d for d in docs if d["kind"] == kind]
     return found
-
-
-def merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merged(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def env_of(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {e["name"]: e for e in container["env"]}
 
 
 def dockerfile_instructions() -> list[tuple[str, list[str]]]:
