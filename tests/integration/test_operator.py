@@ -468,3 +468,28 @@ async def test_kubectl_shows_where_an_execution_is_and_why(
         "attempt 2 in 300s",  # the Event says when (capped by the default maxInterval)
     ):
         assert expected in described, (expected, described)
+
+
+async def test_a_deleted_workflow_starts_nothing_new_and_its_runs_finish(
+    cluster: Cluster,
+) -> None:
+    steps = [
+        {"name": "pause", "type": "sagaflow.wait", "input": {"duration": "1s"}},
+        {"name": "done", "type": "sagaflow.pass", "dependsOn": ["pause"]},
+    ]
+    await cluster.apply(WORKFLOWS, workflow("retiring", steps))
+    await cluster.apply(EXECUTIONS, execution("before", "retiring"))
+    await cluster.wait_status(EXECUTIONS, "before", lambda s: s.get("currentSteps") == ["pause"])
+    await cluster.client.delete(WORKFLOWS, NS, "retiring")
+    await cluster.api.wait_for(WORKFLOWS, NS, "retiring", lambda b: b is None)
+    await cluster.apply(EXECUTIONS, execution("after", "retiring"))
+    waiting = await cluster.wait_status(
+        EXECUTIONS, "after", lambda s: "WorkflowNotReady" in str(s.get("conditions"))
+    )
+    assert waiting["status"]["phase"] == "Pending"
+    done = await cluster.wait_status(EXECUTIONS, "before", phase_is("Completed", "Failed"))
+    assert done["status"]["phase"] == "Completed"  # on the version it pinned
+    # The Workflow back: the waiting Execution starts, on the same (identical) version.
+    await cluster.apply(WORKFLOWS, workflow("retiring", steps))
+    started = await cluster.wait_status(EXECUTIONS, "after", phase_is("Running", "Completed"))
+    assert started["status"]["workflowVersion"] == 1

@@ -5,6 +5,8 @@
   unchanged spec reuses its version) and `Ready=True`; an invalid one sets
   `Ready=False` naming every bad field and leaves the last good version serving.
   `status.observedGeneration` says which generation the verdict is about.
+- Workflow deleted (finalizer): no version is current any more, so new Executions
+  of it wait; running ones finish on the version they pinned.
 - Execution (created, or found at start-up): started in Postgres keyed by the
   object's uid, so a repeat is a no-op; the workflow version current at that
   moment is pinned. If the Workflow has no valid version yet, the status says so
@@ -188,6 +190,11 @@ def build_registry(ctx: HandlerContext) -> kopf.OperatorRegistry:
     @kopf.on.update(API_GROUP, VERSION, WORKFLOWS, registry=registry, field="spec")
     async def workflow(body: kopf.Body, patch: kopf.Patch, logger: Any, **_: Any) -> None:
         await reconcile_workflow(ctx, body, patch, logger)
+
+    @kopf.on.delete(API_GROUP, VERSION, WORKFLOWS, registry=registry)
+    async def workflow_deleted(body: kopf.Body, **_: Any) -> None:
+        meta = body["metadata"]
+        await ctx.orchestrator.retire_workflow(meta["namespace"], meta["name"])
 
     @kopf.on.resume(API_GROUP, VERSION, EXECUTIONS, registry=registry)
     @kopf.on.create(API_GROUP, VERSION, EXECUTIONS, registry=registry)

@@ -160,6 +160,10 @@ class Orchestrator:
         async with self.pool.acquire() as conn:
             return await self.store.put_workflow(conn, namespace, name, spec, self.clock())
 
+    async def retire_workflow(self, namespace: str, name: str) -> None:
+        async with self.pool.acquire() as conn:
+            await self.store.retire_workflow(conn, namespace, name)
+
     async def start(
         self,
         namespace: str,

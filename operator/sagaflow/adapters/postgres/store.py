@@ -132,6 +132,13 @@ class PostgresStore:
             )
         return int(existing), created
 
+    async def retire_workflow(self, conn: asyncpg.Connection, namespace: str, name: str) -> None:
+        """No version is current any more: new executions of it are refused. Its versions
+        stay, for the executions pinned to them."""
+        await conn.execute(
+            "DELETE FROM sagaflow_workflows WHERE namespace=$1 AND name=$2", namespace, name
+        )
+
     async def current_version(
         self, conn: asyncpg.Connection, namespace: str, name: str
     ) -> int | None:
