@@ -87,14 +87,14 @@ def execution_status(state: ExecutionState) -> dict[str, Any]:
 def _succeeded(state: ExecutionState) -> dict[str, Any]:
     verdict, reason = _SUCCEEDED.get(state.phase, ("Unknown", state.phase.value))
     message = state.error.message if state.error else f"execution {state.phase.value.lower()}"
-    return _condition("Succeeded", verdict, reason, message, state.finished_at or state.started_at)
+    return condition("Succeeded", verdict, reason, message, state.finished_at or state.started_at)
 
 
 def _ready(state: ExecutionState) -> dict[str, Any]:
     """True while the run progresses (or has completed); False when it needs attention."""
     if state.phase.is_terminal:
         ok = state.phase is ExecutionPhase.COMPLETED
-        return _condition(
+        return condition(
             "Ready",
             "True" if ok else "False",
             state.phase.value,
@@ -109,8 +109,8 @@ def _ready(state: ExecutionState) -> dict[str, Any]:
         if step.next_retry_at is not None:
             message += f"; retry at {_ts(step.next_retry_at)}"
         at = step.finished_at or step.attempt_started_at or state.started_at
-        return _condition("Ready", "False", "StepRetrying", message, at)
-    return _condition(
+        return condition("Ready", "False", "StepRetrying", message, at)
+    return condition(
         "Ready",
         "True",
         state.phase.value,
@@ -119,12 +119,13 @@ def _ready(state: ExecutionState) -> dict[str, Any]:
     )
 
 
-def _condition(kind: str, status: str, reason: str, message: str, at: Any) -> dict[str, Any]:
+def condition(kind: str, status: str, reason: str, message: str, at: Any) -> dict[str, Any]:
+    """A condition as Kubernetes API conventions shape it; the message clipped."""
     return {
         "type": kind,
         "status": status,
         "reason": reason,
-        "message": message,
+        "message": clip(message),
         "lastTransitionTime": _ts(at),
     }
 
@@ -157,7 +158,8 @@ def _size(value: Any) -> int:
     return len(json.dumps(value, separators=(",", ":"), default=str))
 
 
-def _clip(text: str) -> str:
+def clip(text: str) -> str:
+    """`text`, cut to `MAX_MESSAGE_CHARS` with a marker when longer."""
     if len(text) <= MAX_MESSAGE_CHARS:
         return text
     suffix = "... (truncated)"
@@ -167,7 +169,7 @@ def _clip(text: str) -> str:
 def _clip_error(holder: dict[str, Any]) -> None:
     error = holder.get("error")
     if isinstance(error, dict) and isinstance(error.get("message"), str):
-        holder["error"] = {**error, "message": _clip(error["message"])}
+        holder["error"] = {**error, "message": clip(error["message"])}
 
 
 def bounded_status(status: dict[str, Any], budget: int = MAX_STATUS_BYTES) -> dict[str, Any]:
@@ -187,7 +189,7 @@ def bounded_status(status: dict[str, Any], budget: int = MAX_STATUS_BYTES) -> di
             del holder["output"]
             holder["outputTruncated"] = True
     out["conditions"] = [
-        {**c, "message": _clip(c.get("message", ""))} for c in out.get("conditions", ())
+        {**c, "message": clip(c.get("message", ""))} for c in out.get("conditions", ())
     ]
     out["steps"] = steps
     if _size(out) <= budget:

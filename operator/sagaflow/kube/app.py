@@ -39,8 +39,6 @@ from sagaflow.local.payloads import make_claim_check
 from sagaflow.runtime.orchestrator import Orchestrator
 from sagaflow.settings import Settings
 
-log = logging.getLogger("sagaflow.operator")
-
 # kopf's own bookkeeping goes to annotations under our group, not into `status`
 # (whose schema is ours) and not under kopf's default names.
 _PREFIX = "sagaflow.io"

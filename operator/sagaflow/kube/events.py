@@ -15,6 +15,7 @@ from typing import Any
 
 from sagaflow.adapters.postgres.mirror_rows import HistoryRow
 from sagaflow.core.manifests import API_VERSION
+from sagaflow.core.status import clip
 
 COMPONENT = "sagaflow-operator"
 # History kinds that are not Events.
@@ -30,7 +31,6 @@ WARNINGS = frozenset(
         "ExecutionCancelled",
     }
 )
-_MAX_MESSAGE = 1024
 _MAX_NAME_PREFIX = 200  # object names run to 253 characters; the suffix needs room
 
 
@@ -53,9 +53,6 @@ def event_for(
     """The Event for one history row of an execution, or None if the row is not one."""
     if row.kind in QUIET:
         return None
-    message = row.message
-    if len(message) > _MAX_MESSAGE:
-        message = message[: _MAX_MESSAGE - 15] + "... (truncated)"
     at = _ts(row.at)
     return {
         "apiVersion": "v1",
@@ -69,7 +66,7 @@ def event_for(
             "uid": execution_id,
         },
         "reason": row.kind,
-        "message": message,
+        "message": clip(row.message),
         "type": "Warning" if row.kind in WARNINGS else "Normal",
         "count": 1,
         "firstTimestamp": at,

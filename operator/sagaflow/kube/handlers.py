@@ -33,12 +33,11 @@ from pydantic import ValidationError
 from sagaflow.adapters.postgres import mirror_rows
 from sagaflow.core.manifests import API_GROUP, ExecutionSpec
 from sagaflow.core.ports import Clock, utc_now
-from sagaflow.core.status import keep_transition_times
+from sagaflow.core.status import clip, condition, keep_transition_times
 from sagaflow.core.validation import Document, validate_documents
 from sagaflow.kube.api import EXECUTIONS, VERSION, WORKFLOWS
 from sagaflow.runtime.orchestrator import Orchestrator
 
-_MAX_MESSAGE = 1024
 # Only the fields a manifest carries: status and server-set metadata are not the spec.
 _MANIFEST_KEYS = ("apiVersion", "kind", "metadata", "spec")
 
@@ -51,22 +50,8 @@ class HandlerContext:
     clock: Clock = utc_now
 
 
-def _ts(ctx: HandlerContext) -> str:
-    return ctx.clock().isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def _clip(text: str) -> str:
-    return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 15] + "... (truncated)"
-
-
 def ready_condition(ctx: HandlerContext, status: str, reason: str, message: str) -> dict[str, Any]:
-    return {
-        "type": "Ready",
-        "status": status,
-        "reason": reason,
-        "message": _clip(message),
-        "lastTransitionTime": _ts(ctx),
-    }
+    return condition("Ready", status, reason, message, ctx.clock())
 
 
 def _conditions(new: dict[str, Any], old_status: Any) -> list[dict[str, Any]]:
@@ -91,7 +76,7 @@ async def reconcile_workflow(
         kept = status.get("version")
         serving = f"; version {kept} keeps serving" if kept else ""
         logger.warning(f"invalid spec, not stored{serving}: {problems}")
-        kopf.warn(body, reason="InvalidSpec", message=_clip(f"not stored{serving}: {problems}"))
+        kopf.warn(body, reason="InvalidSpec", message=clip(f"not stored{serving}: {problems}"))
         condition = ready_condition(ctx, "False", "InvalidSpec", problems)
         patch.status["conditions"] = _conditions(condition, status)
         return
@@ -123,7 +108,7 @@ async def start_execution(
             f"spec.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
         )
         logger.warning(f"invalid spec, not started: {problems}")
-        kopf.warn(body, reason="InvalidSpec", message=_clip(f"not started: {problems}"))
+        kopf.warn(body, reason="InvalidSpec", message=clip(f"not started: {problems}"))
         patch.status["phase"] = "Pending"
         patch.status["conditions"] = _conditions(
             ready_condition(ctx, "False", "InvalidSpec", problems), status
@@ -159,9 +144,9 @@ async def _release_stale(ctx: HandlerContext, namespace: str, name: str, uid: st
     """
     async with ctx.pool.acquire() as conn:
         holder = await mirror_rows.live_holder(conn, namespace, name)
-    if holder is None or holder[0] == uid:
+    if holder is None or holder == uid:
         return
-    await stop_execution(ctx, namespace, name, holder[0], "its object was replaced")
+    await stop_execution(ctx, namespace, name, holder, "its object was replaced")
 
 
 async def stop_execution(

@@ -7,7 +7,8 @@ kopf, woken by the store's notification on every committed transition:
 - It takes the object-backed executions whose revision is ahead of what their
   object shows, locking their mirror rows (`SKIP LOCKED`: replicas share the work).
 - It posts the history rows not yet posted as Events (named after the row, so a
-  repeat after a crash is "already exists"), then writes the status.
+  repeat after a crash is "already exists") and writes the status, side by side
+  (each Event carries its own time; kubectl orders by it).
 - A status write never goes backwards: it is skipped when the object already shows
   this revision or a later one, and it is a merge patch conditioned on the
   resourceVersion just read, so a concurrent writer makes it retry, not clobber.
@@ -91,9 +92,9 @@ class StatusMirror:
     async def mirror_once(self) -> int:
         """Bring up to one batch of objects up to date; return how many now are.
 
-        The database work is sequential on one connection; the API calls of the
-        batch's executions run side by side (each execution's own in order), since
-        round trips to the API server, not the database, bound the mirror.
+        The database work is sequential on one connection; the batch's API calls run
+        side by side (at most `concurrency` at once), since round trips to the API
+        server, not the database, bound the mirror.
         """
         async with self.pool.acquire() as conn, conn.transaction():
             pending = await mirror_rows.lock_pending(conn, self.batch_size)

@@ -131,19 +131,15 @@ async def release(conn: asyncpg.Connection, execution_id: str, now: datetime) ->
     )
 
 
-async def live_holder(
-    conn: asyncpg.Connection, namespace: str, name: str
-) -> tuple[str, bool] | None:
-    """(execution id, finished) of the live execution holding a name, if any."""
-    row = await conn.fetchrow(
-        "SELECT execution_id, phase FROM sagaflow_executions "
+async def live_holder(conn: asyncpg.Connection, namespace: str, name: str) -> str | None:
+    """The id of the live execution holding a name, if any."""
+    holder: str | None = await conn.fetchval(
+        "SELECT execution_id FROM sagaflow_executions "
         "WHERE namespace = $1 AND name = $2 AND released_at IS NULL",
         namespace,
         name,
     )
-    if row is None:
-        return None
-    return row["execution_id"], row["phase"] in ("Completed", "Failed", "Cancelled")
+    return holder
 
 
 async def expired(conn: asyncpg.Connection, now: datetime, limit: int) -> Sequence[asyncpg.Record]:
