@@ -47,6 +47,7 @@ class ScriptedApi:
         self.deleted: list[tuple[str, str]] = []
         self.rv = 0
         self.interfere = 0  # writes by "someone else" right after the next reads
+        self.events_at_status_write: list[int] = []
 
     def add(self, name: str, uid: str) -> None:
         self.rv += 1
@@ -76,6 +77,7 @@ class ScriptedApi:
             else:
                 status[key] = value
         self.rv += 1
+        self.events_at_status_write.append(len(self.events))
         obj["status"] = status
         obj["metadata"]["resourceVersion"] = str(self.rv)
 
@@ -119,12 +121,27 @@ async def test_status_and_events_reach_the_object_once(env: Any) -> None:
     assert status["observedGeneration"] == 1
     reasons = sorted(e["reason"] for e in api.events.values())
     assert reasons == ["ExecutionStarted", "StepDispatched"]
+    assert api.events_at_status_write == [2]  # written after both Events
     event = next(iter(api.events.values()))
     assert event["involvedObject"]["uid"] == "uid-1"
     # Nothing changed since: a second pass writes nothing and posts nothing.
     posts = api.event_posts
     assert await mirror.mirror_once() == 0
     assert api.event_posts == posts
+
+
+async def test_the_status_waits_for_the_events_that_led_to_it(env: Any) -> None:
+    orchestrator, api, _, clock = env
+    mirror = StatusMirror(orchestrator.pool, api, clock=clock, instance="test", events_per_pass=1)
+    await started(orchestrator, api, "run-1", "uid-1")  # two history rows
+    # One Event per pass: the first pass posts one and leaves the status alone.
+    assert await mirror.mirror_once() == 0
+    assert len(api.events) == 1 and "status" not in api.objects["run-1"]
+    # The second posts the last one, and only then writes the status.
+    assert await mirror.mirror_once() == 1
+    assert api.events_at_status_write == [2]
+    assert api.objects["run-1"]["status"]["currentSteps"] == ["a"]
+    assert await mirror.mirror_once() == 0
 
 
 async def test_a_concurrent_writer_makes_the_write_retry_not_clobber(env: Any) -> None:

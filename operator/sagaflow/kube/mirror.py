@@ -7,8 +7,9 @@ kopf, woken by the store's notification on every committed transition:
 - It takes the object-backed executions whose revision is ahead of what their
   object shows, locking their mirror rows (`SKIP LOCKED`: replicas share the work).
 - It posts the history rows not yet posted as Events (named after the row, so a
-  repeat after a crash is "already exists") and writes the status, side by side
-  (each Event carries its own time; kubectl orders by it).
+  repeat after a crash is "already exists"), then writes the status: an object
+  that shows a phase has the Events that led there, so `kubectl wait` followed by
+  `kubectl get events` sees the whole story.
 - A status write never goes backwards: it is skipped when the object already shows
   this revision or a later one, and it is a merge patch conditioned on the
   resourceVersion just read, so a concurrent writer makes it retry, not clobber.
@@ -98,14 +99,19 @@ class StatusMirror:
         """
         async with self.pool.acquire() as conn, conn.transaction():
             pending = await mirror_rows.lock_pending(conn, self.batch_size)
-            histories = [
+            # One row past the pass's share tells whether more history is waiting.
+            fetched = [
                 await mirror_rows.history_after(
-                    conn, item.execution_id, item.event_seq, self.events_per_pass
+                    conn, item.execution_id, item.event_seq, self.events_per_pass + 1
                 )
                 for item in pending
             ]
+            histories = [rows[: self.events_per_pass] for rows in fetched]
             outcomes = await asyncio.gather(
-                *(self._mirror(item, rows) for item, rows in zip(pending, histories, strict=True))
+                *(
+                    self._mirror(item, rows, more=len(all_rows) > len(rows))
+                    for item, rows, all_rows in zip(pending, histories, fetched, strict=True)
+                )
             )
             done = 0
             for item, rows, written in zip(pending, histories, outcomes, strict=True):
@@ -114,18 +120,18 @@ class StatusMirror:
                 last_seq = rows[-1].seq if rows else item.event_seq
                 # With Events still to post, or a status not written, the revision is
                 # not recorded as mirrored: the execution comes back on the next pass.
-                complete = written and len(rows) < self.events_per_pass
+                complete = written
                 revision = item.state.revision if complete else -1
                 await mirror_rows.advance(conn, item.execution_id, revision, last_seq)
                 done += complete
         return done
 
-    async def _mirror(self, item: Pending, rows: list[HistoryRow]) -> bool | None:
-        """Post the Events and write the status: whether it was written, None on error.
+    async def _mirror(self, item: Pending, rows: list[HistoryRow], *, more: bool) -> bool | None:
+        """Post the Events, then write the status: whether it was written, None on error.
 
-        All of it runs side by side: Events carry their own times (kubectl sorts by
-        them), and a status written while an Event failed is only skipped as stale
-        when the execution comes back on the next pass.
+        The Events go side by side (each carries its own time; kubectl sorts by it).
+        The status waits for them, and for the rest of a history longer than one
+        pass, so it never shows a state whose Events are not there yet.
         """
         events = [
             event
@@ -142,10 +148,12 @@ class StatusMirror:
             is not None
         ]
         try:
-            *_, written = await asyncio.gather(
-                *(self._limited(self.api.create_event(item.namespace, e)) for e in events),
-                self._limited(self._write_status(item)),
+            await asyncio.gather(
+                *(self._limited(self.api.create_event(item.namespace, e)) for e in events)
             )
+            if more:
+                return False  # more history to post first; back on the next pass
+            written = await self._limited(self._write_status(item))
         except Exception:
             # One object's trouble (RBAC, a webhook, a network blip) must not stall
             # the others: its row stays behind and is retried next pass.
