@@ -120,10 +120,9 @@ class StatusMirror:
                 last_seq = rows[-1].seq if rows else item.event_seq
                 # With Events still to post, or a status not written, the revision is
                 # not recorded as mirrored: the execution comes back on the next pass.
-                complete = written
-                revision = item.state.revision if complete else -1
+                revision = item.state.revision if written else -1
                 await mirror_rows.advance(conn, item.execution_id, revision, last_seq)
-                done += complete
+                done += written
         return done
 
     async def _mirror(self, item: Pending, rows: list[HistoryRow], *, more: bool) -> bool | None:
