@@ -43,7 +43,18 @@ class Settings(BaseSettings):
     # How long a receiver holds a message before it is redelivered.
     lock_duration_seconds: float = Field(default=30.0, gt=0, le=300)
     max_delivery_count: int = Field(default=10, ge=1, le=1000)
+    # Postgres bus: how often a message's receiver may die while running it alone before
+    # the message is dead-lettered as ReceiverCrashed (a crash loop, not bad luck).
+    max_crash_count: int = Field(default=3, ge=1, le=100)
     runner_concurrency: int = Field(default=64, ge=1, le=10_000)
+    # `sagaflow run`: executions kept going at once; the others start as these finish.
+    # Bounds the orchestrator's working set (memory, hot rows) whatever the files hold.
+    max_running_executions: int = Field(default=2000, ge=1, le=1_000_000)
+    # On SIGTERM / Ctrl-C: how long running handlers may take to finish before they are
+    # cancelled and their commands handed back for redelivery.
+    grace_period_seconds: float = Field(default=10.0, ge=0, le=3600)
+    # An async handler holding the event loop longer than this is reported by step name.
+    loop_block_seconds: float = Field(default=1.0, gt=0, le=3600)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
 
     # -- `sagaflow operator` -------------------------------------------------------------

@@ -7,6 +7,7 @@ context by hand in their own tests.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
@@ -38,6 +39,7 @@ class StepContext:
 
     __slots__ = (
         "_heartbeat",
+        "_loop",
         "attempt",
         "deadline",
         "execution",
@@ -56,6 +58,7 @@ class StepContext:
         deadline: datetime | None = None,
         heartbeat: HeartbeatCallback | None = None,
         idempotency_key: str | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         if attempt < 1:
             raise ValueError(f"attempt is 1-based, got {attempt}")
@@ -66,11 +69,33 @@ class StepContext:
         self.deadline = deadline
         self.idempotency_key = idempotency_key or attempt_key(execution_id, step, attempt)
         self._heartbeat = heartbeat or _no_heartbeat
+        self._loop = loop  # the host's event loop, for heartbeats from a handler's thread
 
     async def heartbeat(self, details: dict[str, Any] | None = None) -> None:
         """Tell the orchestrator this attempt is alive (resets its heartbeat timeout)
         and keep the command's lock, so a long step is not redelivered meanwhile."""
         await self._heartbeat(details)
+
+    def heartbeat_sync(self, details: dict[str, Any] | None = None, timeout: float = 30) -> None:
+        """`heartbeat` for a plain `def` handler, which runs in a thread: waits (at most
+        `timeout` seconds) until the host has sent it."""
+        loop = self._loop
+        if loop is None:
+            return  # outside a host: nowhere to send it, as with `heartbeat`
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            raise RuntimeError(
+                "heartbeat_sync() is for plain `def` handlers: in an async "
+                "handler use `await ctx.heartbeat()`"
+            )
+
+        async def send() -> None:
+            await self._heartbeat(details)
+
+        asyncio.run_coroutine_threadsafe(send(), loop).result(timeout)
 
     def __repr__(self) -> str:
         return (

@@ -3,8 +3,11 @@
 A runner process serves the step types registered before its worker starts; the
 worker derives the command queues to listen on from the registered prefixes
 (`inventory.reserve` is served from queue `steps.inventory`). Registration is
-checked eagerly, at import time, so a typo or a sync function fails the process
-start instead of the first command.
+checked eagerly, at import time, so a typo or something that is not a function
+fails the process start instead of the first command.
+
+A handler is an `async def` (it runs on the host's event loop and must not block
+it) or a plain `def` (the host runs it in a thread, so blocking calls are fine).
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ from typing import Any, TypeVar
 
 from sagaflow_runner.context import StepContext
 
-Handler = Callable[[dict[str, Any], StepContext], Awaitable[dict[str, Any] | None]]
+AsyncHandler = Callable[[dict[str, Any], StepContext], Awaitable[dict[str, Any] | None]]
+SyncHandler = Callable[[dict[str, Any], StepContext], dict[str, Any] | None]
+Handler = AsyncHandler | SyncHandler
 H = TypeVar("H", bound=Handler)
 
 # Same shape the orchestrator accepts in manifests: `prefix.name`, letters first.
@@ -42,10 +47,10 @@ class Registry:
                 f"step type {step_type!r}: the {RESERVED_PREFIX!r} prefix is reserved "
                 "for built-in steps"
             )
-        if not _is_async(handler):
+        if not callable(handler):
             raise TypeError(
-                f"step {step_type!r}: handler {_name(handler)} must be an `async def` "
-                "function taking (input: dict, ctx: StepContext)"
+                f"step {step_type!r}: handler {_name(handler)} must be a function taking "
+                "(input: dict, ctx: StepContext), `async def` or plain `def`"
             )
         existing = self._handlers.get(step_type)
         if existing is not None and not _same_function(existing, handler):
@@ -75,7 +80,8 @@ default_registry = Registry()
 
 
 def step(step_type: str, *, registry: Registry | None = None) -> Callable[[H], H]:
-    """Register the decorated `async def handler(input, ctx)` for `step_type`.
+    """Register the decorated `handler(input, ctx)` for `step_type`: an `async def`, or a
+    plain `def` that the host runs in a thread (for blocking code).
 
     The handler returns its output as a dict (None means `{}`), raises
     `PermanentError` when retrying cannot help, and `RetryableError` (or anything
@@ -90,7 +96,8 @@ def step(step_type: str, *, registry: Registry | None = None) -> Callable[[H], H
     return decorate
 
 
-def _is_async(handler: object) -> bool:
+def is_async_handler(handler: object) -> bool:
+    """Whether the host awaits `handler` on its loop (else it runs it in a thread)."""
     if inspect.iscoroutinefunction(handler):
         return True
     # A callable object whose __call__ is `async def` behaves the same way.

@@ -18,6 +18,7 @@ from sagaflow_runner import (
     RetryableError,
     StepContext,
     default_registry,
+    is_async_handler,
     load_module,
     step,
 )
@@ -66,14 +67,22 @@ def test_types_and_prefixes() -> None:
     assert registry.prefixes() == {"a", "inventory", "payments"}
 
 
-def test_a_sync_function_is_rejected() -> None:
+def test_a_plain_function_is_accepted_and_marked_for_a_thread() -> None:
     registry = Registry()
 
+    @step("inventory.reserve", registry=registry)
     def reserve(input: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
         return {}
 
-    with pytest.raises(TypeError, match=r"inventory\.reserve.*async def"):
-        step("inventory.reserve", registry=registry)(reserve)  # type: ignore[type-var]
+    assert registry.handler("inventory.reserve") is reserve
+    assert not is_async_handler(reserve)
+    assert is_async_handler(_ok)
+
+
+def test_something_not_callable_is_rejected() -> None:
+    registry = Registry()
+    with pytest.raises(TypeError, match=r"inventory\.reserve.*a function taking"):
+        registry.register("inventory.reserve", "not a function")  # type: ignore[arg-type]
     assert registry.types() == []
 
 

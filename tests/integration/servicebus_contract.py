@@ -102,6 +102,7 @@ class FakeServiceBus:
         self.clients: list[FakeClient] = []
         self._messages: list[_Message] = []
         self._dead: dict[str, list[DeadLetter]] = defaultdict(list)
+        self.locked_dead: list[DeadLetter] = []  # dead letters a receiver holds
         self._seen: dict[str, set[str]] = defaultdict(set)
         self._owners: dict[tuple[str, str], FakeSession] = {}
         self._faults: dict[str, list[BaseException | None]] = defaultdict(list)
@@ -209,6 +210,10 @@ class FakeServiceBus:
         self.fault("peek")
         return list(self._dead[queue])
 
+    def forget_dead(self, queue: str, letter: DeadLetter) -> None:
+        self._dead[queue].remove(letter)
+        self.log.append(("complete dead letter", letter.message_id))
+
     def locked_by(self, session: FakeSession, token: str) -> _Message:
         session.check()
         for m in self._messages:
@@ -224,6 +229,7 @@ class FakeClient:
     def __init__(self, namespace: FakeServiceBus) -> None:
         self.namespace = namespace
         self.sessions: list[FakeSession] = []
+        self.dead_letter_receivers: list[FakeDeadLetters] = []
         self.closed = False
 
     async def send(self, queue: str, messages: Sequence[WireMessage]) -> None:
@@ -238,11 +244,18 @@ class FakeClient:
     async def peek_dead_letters(self, queue: str) -> list[DeadLetter]:
         return self.namespace.dead_letters(queue)
 
+    async def open_dead_letters(self, queue: str) -> FakeDeadLetters:
+        receiver = FakeDeadLetters(self.namespace, queue)
+        self.dead_letter_receivers.append(receiver)
+        return receiver
+
     async def close(self) -> None:
         self.closed = True
         for session in self.sessions:
             if not session.closed:  # as the SDK client closes only the links still open
                 await session.close()
+        for receiver in self.dead_letter_receivers:
+            await receiver.close()
 
 
 class FakeSession:
@@ -315,3 +328,68 @@ class FakeSession:
             self.closed = True
             self.namespace.log.append(("close", self.session_id))
             self.namespace.notify()
+
+
+class FakeDeadLetters:
+    """A receiver on a dead-letter sub-queue: peek-lock, no session (`SessionReceiver`)."""
+
+    session_id = ""
+
+    def __init__(self, namespace: FakeServiceBus, queue: str) -> None:
+        self.namespace = namespace
+        self.queue = queue
+        self.locked_until = namespace.clock() + namespace.lock_duration
+        self.closed = False
+        self._held: dict[str, DeadLetter] = {}
+
+    async def receive(self, max_messages: int, max_wait: float) -> list[Delivery]:
+        self.namespace.fault("receive")
+        taken = {id(d) for d in self.namespace.locked_dead}
+        got = []
+        for letter in self.namespace.dead_letters(self.queue):
+            if len(got) == max_messages:
+                break
+            if id(letter) in taken:
+                continue
+            token = str(uuid.uuid4())
+            self._held[token] = letter
+            self.namespace.locked_dead.append(letter)
+            got.append(
+                Delivery(
+                    letter.message_id,
+                    letter.session_id,
+                    letter.body,
+                    letter.delivery_count,
+                    letter.dead_lettered_at,
+                    token,
+                    raw=letter,
+                    dead_letter_reason=letter.reason,
+                    dead_letter_description=letter.description,
+                )
+            )
+        return got
+
+    def _release(self, token: str) -> DeadLetter:
+        letter = self._held.pop(token, None)
+        if letter is None or self.closed:
+            raise MessageLockLostError(f"lock {token} is not held")
+        self.namespace.locked_dead.remove(letter)
+        return letter
+
+    async def complete(self, delivery: Delivery) -> None:
+        letter = self._release(delivery.lock_token)
+        self.namespace.forget_dead(self.queue, letter)
+
+    async def abandon(self, delivery: Delivery) -> None:
+        self._release(delivery.lock_token)
+
+    async def dead_letter(self, delivery: Delivery, *, reason: str, description: str) -> None:
+        raise MessageLockLostError("a dead letter cannot be dead-lettered again")
+
+    async def renew_lock(self) -> datetime:
+        raise MessageLockLostError("not renewed")
+
+    async def close(self) -> None:
+        for token in list(self._held):
+            self._release(token)
+        self.closed = True

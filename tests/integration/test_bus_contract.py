@@ -511,12 +511,3 @@ async def test_complete_is_all_or_nothing(pg_pool: asyncpg.Pool) -> None:
         await bus.complete([a, b])
     await bus.complete([a])  # `a` was not completed by the failed call, and is still ours
     assert ids(await bus.receive(QUEUE, max_wait=0)) == ["b"]
-
-
-async def test_release_all_locks_hands_locked_messages_out_again(pg_pool: asyncpg.Pool) -> None:
-    bus = PostgresBus(pg_pool, clock=FakeClock())
-    await bus.send([msg("s1", "a"), msg("s2", "b")])
-    assert len(await bus.receive(QUEUE, max_wait=0)) == 2
-    await bus.release_all_locks()
-    again = await bus.receive(QUEUE, max_wait=0)
-    assert [(m.message_id, m.delivery_count) for m in again] == [("a", 2), ("b", 2)]

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +23,10 @@ from pg import server_dir
 from sagaflow.adapters.postgres.bus import PostgresBus
 from sagaflow.adapters.postgres.embedded import EmbeddedPostgres, pg_bin_dir
 from sagaflow.adapters.postgres.store import PostgresStore
-from sagaflow.core.manifests import ExecutionPhase
+from sagaflow.core.manifests import ExecutionPhase, StepPhase
 from sagaflow.core.state import new_execution
 from sagaflow.core.validation import parse_documents, validate_documents
-from sagaflow.local.output import Progress
+from sagaflow.local.output import Progress, Snapshot, current_detail
 from sagaflow.runtime.orchestrator import Orchestrator
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -386,21 +386,61 @@ def test_progress_redraws_in_place_on_a_terminal() -> None:
         input={},
         step_names=("a", "b"),
     )
-    progress.update([state])
+    progress.update(Snapshot(1, 1, {"Pending": 1}, [state]))
     done = replace(
         state,
         phase=ExecutionPhase.COMPLETED,
         started_at=datetime.now(UTC),
         finished_at=datetime.now(UTC),
     )
-    progress.update([done])
+    progress.update(Snapshot(1, 1, {"Completed": 1}, [done]))
     text = screen.getvalue()
     assert text.count("\x1b[2F\x1b[J") == 1  # the two-line table was redrawn over itself
     assert "Pending" in text and "Completed" in text
 
     plain = io.StringIO()
     quiet = Progress(plain)
-    quiet.update([state])
-    quiet.update([done])
-    quiet.update([done])
+    quiet.update(Snapshot(1, 1, {"Pending": 1}, [state]))
+    quiet.update(Snapshot(1, 1, {"Completed": 1}, [done]))
+    quiet.update(Snapshot(1, 1, {"Completed": 1}, [done]))
     assert plain.getvalue() == "default/run-1: Completed\n"  # once, no escape codes
+
+
+def test_progress_shows_running_steps_with_their_attempt_and_time() -> None:
+    now = datetime.now(UTC)
+    state = new_execution(
+        execution_id="e",
+        namespace="default",
+        name="run-1",
+        workflow="w",
+        version=1,
+        input={},
+        step_names=("slow", "flaky"),
+    )
+    state = state.with_step(
+        replace(
+            state.steps["slow"],
+            phase=StepPhase.RUNNING,
+            attempt=1,
+            attempt_started_at=now - timedelta(seconds=95),
+        )
+    ).with_step(
+        replace(
+            state.steps["flaky"],
+            phase=StepPhase.RETRYING,
+            attempt=2,
+            next_retry_at=now + timedelta(seconds=3),
+        )
+    )
+    state = replace(state, phase=ExecutionPhase.RUNNING, started_at=now - timedelta(seconds=95))
+    detail = current_detail(state, now)
+    assert detail == "at slow (attempt 1, 1m35s), flaky (attempt 3 in 3.0s)"
+
+    # Without a terminal, a line every so often says what the run waits for.
+    clock = iter([0.0, 31.0, 31.0, 40.0])
+    log = io.StringIO()
+    progress = Progress(log, waiting_every=30, clock=lambda: next(clock))
+    progress.update(Snapshot(1, 1, {"Running": 1}, [state]))
+    progress.update(Snapshot(1, 1, {"Running": 1}, [state]))
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 1 and "waiting on default/run-1 at slow (attempt 1" in lines[0], lines

@@ -46,6 +46,7 @@ class FakeBus:
         self.renewed: list[str] = []
         self.calls: list[str] = []  # "send", "complete", ... in order
         self.lost_locks: set[str] = set()  # message ids whose lock is "lost" on complete
+        self.crash_counts: dict[str, int] = {}  # message id -> crash_count when received
         self._changed = asyncio.Event()
 
     def _touch(self) -> None:
@@ -78,6 +79,7 @@ class FakeBus:
             except TimeoutError:
                 return []
         taken, waiting[:] = waiting[:max_messages], waiting[max_messages:]
+        self._touch()  # a test may wait for the queue to empty
         now = utc_now()
         return [
             ReceivedMessage(
@@ -89,6 +91,7 @@ class FakeBus:
                 enqueued_at=now,
                 locked_until=now + timedelta(seconds=self.lock_seconds),
                 lock_token=uuid.uuid4().hex,
+                crash_count=self.crash_counts.get(m.message_id, 0),
             )
             for m in taken
         ]

@@ -10,8 +10,11 @@ command or a duplicated result is recognised at every hop.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from sagaflow.core.jsonsafe import scrub_text, unstorable
 
 EVENTS_QUEUE = "sagaflow.events"
 COMMANDS_QUEUE_PREFIX = "steps."
@@ -122,16 +125,40 @@ def decode_command(body: bytes) -> ExecuteStep:
     return cmd
 
 
+RESULT_KINDS = ("StepCompleted", "StepFailed", "StepHeartbeat")
+
+
 def decode_result(body: bytes) -> StepResult:
+    """The result in `body`; MalformedMessageError when it breaks the contract.
+
+    A StepCompleted whose output Postgres could not store (NaN, NUL, ...) decodes as
+    that attempt's permanent StepFailed `InvalidOutput` naming the value's path: the
+    message is well formed and names its attempt, so it fails that step alone rather
+    than being dead-lettered or poisoning the batch it arrives in.
+    """
     data = _loads(body)
     kind = data.get("kind")
+    if kind not in RESULT_KINDS:
+        raise MalformedMessageError(f"kind: expected {', '.join(RESULT_KINDS)}, got {kind!r}")
     execution_id, step, attempt = (
         _str(data, "executionId"),
         _str(data, "step"),
         _int(data, "attempt"),
     )
     if kind == "StepCompleted":
-        return StepResult("StepCompleted", execution_id, step, attempt, output=_obj(data, "output"))
+        output = _obj(data, "output")
+        problem = output_problem(output, body)
+        if problem is not None:
+            return StepResult(
+                "StepFailed",
+                execution_id,
+                step,
+                attempt,
+                error_type="InvalidOutput",
+                error_message=problem,
+                retryable=False,
+            )
+        return StepResult("StepCompleted", execution_id, step, attempt, output=output)
     if kind == "StepFailed":
         error = _obj(data, "error")
         return StepResult(
@@ -139,21 +166,33 @@ def decode_result(body: bytes) -> StepResult:
             execution_id,
             step,
             attempt,
-            error_type=_str(error, "type"),
-            error_message=str(error.get("message", "")),
+            error_type=scrub_text(_str(error, "type", clean=False)),
+            error_message=scrub_text(str(error.get("message", ""))),
             retryable=bool(error.get("retryable", True)),
         )
-    if kind == "StepHeartbeat":
-        return StepResult(
-            "StepHeartbeat", execution_id, step, attempt, sequence=_int(data, "sequence")
-        )
-    raise MalformedMessageError(
-        f"kind: expected StepCompleted, StepFailed or StepHeartbeat, got {kind!r}"
-    )
+    return StepResult("StepHeartbeat", execution_id, step, attempt, sequence=_int(data, "sequence"))
+
+
+# What may hide a value Postgres cannot store, in encoded JSON: the constants Python
+# writes for non-finite floats, and escapes of NUL or of a UTF-16 surrogate. A match
+# only means "look closer" (a string may say "NaN"); the walk decides.
+_SUSPECT = re.compile(rb"NaN|Infinity|\\u(?:0000|[dD][89a-fA-F])")
+
+
+def output_problem(output: Any, body: bytes) -> str | None:
+    """Why `output`, whose encoding `body` contains, cannot be stored; None if it can.
+
+    The regular expression over the bytes is the fast path; only a match walks the value.
+    """
+    if _SUSPECT.search(body) is None:
+        return None
+    problem = unstorable(output, "output")
+    return None if problem is None else f"the step's output cannot be stored: {problem}"
 
 
 def _dumps(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    # allow_nan=False: Python would write NaN and Infinity, which are not JSON.
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
 def _loads(body: bytes) -> dict[str, Any]:
@@ -166,10 +205,13 @@ def _loads(body: bytes) -> dict[str, Any]:
     return data
 
 
-def _str(data: dict[str, Any], key: str) -> str:
+def _str(data: dict[str, Any], key: str, *, clean: bool = True) -> str:
     value = data.get(key)
     if not isinstance(value, str) or not value:
         raise MalformedMessageError(f"{key}: expected a non-empty string")
+    # Identifiers become keys in Postgres, which refuses NUL and lone surrogates in text.
+    if clean and (problem := unstorable(value, key)) is not None:
+        raise MalformedMessageError(problem)
     return value
 
 

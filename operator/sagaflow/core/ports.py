@@ -44,6 +44,10 @@ class ReceivedMessage:
     lock_token: str
     # Adapter-private handle (a row sequence for Postgres, the SDK message for Service Bus).
     handle: Any = None
+    # Deliveries that ended with the receiving process's death, where the bus can tell
+    # (the Postgres bus; 0 elsewhere). Above 0 the message is a suspect: the runner
+    # host runs it with nothing else, so a crash it causes is pinned on it alone.
+    crash_count: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +60,23 @@ class DeadLetter:
     description: str
     delivery_count: int
     dead_lettered_at: datetime
+
+
+DEAD_LETTER_SUFFIX = "/$DeadLetterQueue"
+
+
+def dead_letter_queue(queue: str) -> str:
+    """The dead-letter sub-queue of `queue`, named as Service Bus names it."""
+    return queue + DEAD_LETTER_SUFFIX
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedDeadLetter:
+    """A dead letter taken for handling: `message` settles it (`complete` removes it
+    from the dead-letter queue), `letter` says why it was dead-lettered."""
+
+    letter: DeadLetter
+    message: ReceivedMessage
 
 
 class MessageLockLostError(Exception):
@@ -92,6 +113,13 @@ class Bus(Protocol):
     async def renew_lock(self, messages: Sequence[ReceivedMessage]) -> None: ...
 
     async def dead_letters(self, queue: str) -> list[DeadLetter]: ...
+
+    async def receive_dead_letters(
+        self, queue: str, *, max_messages: int = 100
+    ) -> list[ReceivedDeadLetter]:
+        """Lock and return dead letters of `queue` waiting to be handled (no waiting);
+        `complete` their messages once handled."""
+        ...
 
     async def close(self) -> None: ...
 

@@ -95,11 +95,13 @@ async def run_operator(settings: Settings, api: KubeApi | None = None) -> int:
                     db.pool,
                     api or ClientKubeApi(load_client_config()),
                     poll_seconds=settings.mirror_poll_seconds,
+                    outages=orchestrator.outages,
                 )
                 context = HandlerContext(orchestrator, db.pool, settings.workflow_wait_seconds)
                 await _serve(settings, db.dsn, orchestrator, mirror, context)
             finally:
                 await bus.close()
+                await orchestrator.outages.close()
     finally:
         await claim_check.close()
     return 0

@@ -17,14 +17,17 @@
   further commands), its name is released, its history stays in Postgres.
 
 Handlers raise only for what a retry can fix (database or API trouble); bad specs
-are reported in the status and Events, never retried.
+are reported in the status and Events, never retried. While the database is down a
+handler fails with kopf's TemporaryError (one line, no traceback) and kopf retries it
+a second later.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import kopf
@@ -37,6 +40,9 @@ from sagaflow.core.status import clip, condition, keep_transition_times
 from sagaflow.core.validation import Document, validate_documents
 from sagaflow.kube.api import EXECUTIONS, VERSION, WORKFLOWS
 from sagaflow.runtime.orchestrator import Orchestrator
+from sagaflow.runtime.outages import describe
+
+T = TypeVar("T")
 
 # Only the fields a manifest carries: status and server-set metadata are not the spec.
 _MANIFEST_KEYS = ("apiVersion", "kind", "metadata", "spec")
@@ -48,6 +54,17 @@ class HandlerContext:
     pool: asyncpg.Pool
     workflow_wait_seconds: float = 5.0
     clock: Clock = utc_now
+
+
+async def _unless_down(ctx: HandlerContext, call: Awaitable[T]) -> T:
+    """`call`, with a database outage turned into a quiet retry by kopf."""
+    try:
+        return await call
+    except Exception as exc:
+        if not ctx.orchestrator.outages.failed(exc):
+            raise
+        message = f"the database is unavailable ({describe(exc)}); retrying"
+        raise kopf.TemporaryError(message, delay=1.0) from None
 
 
 def ready_condition(ctx: HandlerContext, status: str, reason: str, message: str) -> dict[str, Any]:
@@ -174,19 +191,19 @@ def build_registry(ctx: HandlerContext) -> kopf.OperatorRegistry:
     @kopf.on.create(API_GROUP, VERSION, WORKFLOWS, registry=registry)
     @kopf.on.update(API_GROUP, VERSION, WORKFLOWS, registry=registry, field="spec")
     async def workflow(body: kopf.Body, patch: kopf.Patch, logger: Any, **_: Any) -> None:
-        await reconcile_workflow(ctx, body, patch, logger)
+        await _unless_down(ctx, reconcile_workflow(ctx, body, patch, logger))
 
     @kopf.on.delete(API_GROUP, VERSION, WORKFLOWS, registry=registry)
     async def workflow_deleted(body: kopf.Body, **_: Any) -> None:
         meta = body["metadata"]
-        await ctx.orchestrator.retire_workflow(meta["namespace"], meta["name"])
+        await _unless_down(ctx, ctx.orchestrator.retire_workflow(meta["namespace"], meta["name"]))
 
     @kopf.on.resume(API_GROUP, VERSION, EXECUTIONS, registry=registry)
     @kopf.on.create(API_GROUP, VERSION, EXECUTIONS, registry=registry)
     async def execution(
         body: kopf.Body, patch: kopf.Patch, logger: Any, retry: int, **_: Any
     ) -> None:
-        await start_execution(ctx, body, patch, logger, retry)
+        await _unless_down(ctx, start_execution(ctx, body, patch, logger, retry))
 
     @kopf.on.update(API_GROUP, VERSION, EXECUTIONS, registry=registry, field="spec")
     async def execution_spec_changed(body: kopf.Body, **_: Any) -> None:
@@ -197,7 +214,9 @@ def build_registry(ctx: HandlerContext) -> kopf.OperatorRegistry:
     async def execution_deleted(body: kopf.Body, logger: Any, **_: Any) -> None:
         meta = body["metadata"]
         why = "Execution object deleted"
-        await stop_execution(ctx, meta["namespace"], meta["name"], meta["uid"], why)
+        await _unless_down(
+            ctx, stop_execution(ctx, meta["namespace"], meta["name"], meta["uid"], why)
+        )
         logger.info("cancelled if running; name released, history kept")
 
     return registry

@@ -38,6 +38,7 @@ from sagaflow.core.ports import Clock, utc_now
 from sagaflow.core.status import bounded_status, execution_status, keep_transition_times
 from sagaflow.kube.api import EXECUTIONS, ConflictError, KubeApi
 from sagaflow.kube.events import event_for
+from sagaflow.runtime.outages import OutageWatch
 
 log = logging.getLogger("sagaflow.mirror")
 T = TypeVar("T")
@@ -80,6 +81,7 @@ class StatusMirror:
         poll_seconds: float = 2.0,
         concurrency: int = 16,
         instance: str | None = None,
+        outages: OutageWatch | None = None,
     ) -> None:
         self.pool = pool
         self.api = api
@@ -89,6 +91,7 @@ class StatusMirror:
         self.poll_seconds = poll_seconds
         self.instance = instance or socket.gethostname()
         self._api_slots = asyncio.Semaphore(concurrency)
+        self.outages = outages
 
     async def mirror_once(self) -> int:
         """Bring up to one batch of objects up to date; return how many now are.
@@ -203,7 +206,9 @@ class StatusMirror:
                     await self.collect_once()
                 except asyncio.CancelledError:
                     raise
-                except Exception:
+                except Exception as exc:
+                    if self.outages is not None and await self.outages.retry(exc):
+                        continue
                     log.exception("status mirror pass failed")
                 await notes.wait(EXECUTIONS_CHANNEL, self.poll_seconds)
         finally:

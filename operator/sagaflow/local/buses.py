@@ -29,4 +29,5 @@ def make_bus(settings: Settings, pool: asyncpg.Pool | None) -> Bus:
         pool,
         lock_duration=settings.lock_duration_seconds,
         max_delivery_count=settings.max_delivery_count,
+        max_crash_count=settings.max_crash_count,
     )

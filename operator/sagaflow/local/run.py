@@ -2,50 +2,51 @@
 
 Composition root of local mode: embedded Postgres in the state dir (or
 SAGAFLOW_DATABASE_URL), the Postgres bus, the orchestrator loops and in-process
-runners for the given modules. Executions are started idempotently by
-(namespace, name), so running again with the same state dir resumes unfinished
-executions instead of starting them anew, and never re-runs a completed attempt.
+runners for the given modules (`drive.py` runs them). Executions are started
+idempotently by (namespace, name), so running again with the same state dir resumes
+unfinished executions instead of starting them anew, and never re-runs a completed
+attempt.
+
+Exit codes: 0 every execution Completed, 1 some did not, 2 invalid input (nothing
+was started), 130 / 143 stopped by SIGINT / SIGTERM (the listing shows where each
+execution stands; running again resumes them).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import fcntl
 import logging
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
 
-from sagaflow.adapters.postgres.bus import PostgresBus
-from sagaflow.adapters.postgres.notify import Notifications
-from sagaflow.adapters.postgres.store import EXECUTIONS_CHANNEL, PostgresStore
+from sagaflow.adapters.postgres import reads
+from sagaflow.adapters.postgres.store import PostgresStore
 from sagaflow.core.definition import BUILTIN_TYPES
-from sagaflow.core.ports import Bus
 from sagaflow.core.state import ExecutionState
-from sagaflow.core.validation import ValidationResult
 from sagaflow.local.buses import make_bus
 from sagaflow.local.database import open_database
+from sagaflow.local.drive import Interrupts, drive
 from sagaflow.local.inputs import InvalidInputError, load_manifests
-from sagaflow.local.output import Progress, render
+from sagaflow.local.output import write_listing
 from sagaflow.local.payloads import make_claim_check
-from sagaflow.runtime.claimcheck import ClaimCheck
-from sagaflow.runtime.orchestrator import Orchestrator
-from sagaflow.runtime.worker import RunnerWorker
+from sagaflow.runtime.orchestrator import Orchestrator, StartRequest
 from sagaflow.settings import Settings
 from sagaflow_runner import Registry, default_registry, load_module
 
 log = logging.getLogger("sagaflow.local")
 
 EXIT_OK, EXIT_NOT_COMPLETED, EXIT_INVALID = 0, 1, 2
+_PAGE = 500  # executions per query of the final listing
 
 
 def load_runners(specs: Sequence[str]) -> Registry:
     for spec in specs:
         try:
             load_module(spec)
-        except (ImportError, ValueError, SyntaxError) as exc:
+        except (ImportError, ValueError, SyntaxError, TypeError) as exc:
             raise InvalidInputError([f"--runners {spec}: {exc}"]) from exc
     return default_registry
 
@@ -73,100 +74,75 @@ async def run_local(
     out: TextIO = sys.stdout,
     err: TextIO = sys.stderr,
 ) -> int:
+    interrupts = Interrupts(err, settings.grace_period_seconds)
+    interrupts.install()
     try:
         registry = load_runners(runner_specs)
         manifests = load_manifests(
             files, lambda t: t in BUILTIN_TYPES or registry.handler(t) is not None
         )
+        workflows = [
+            (wf.metadata.namespace, wf.metadata.name, wf.spec) for _, wf in manifests.workflows
+        ]
+        requests = [
+            StartRequest(
+                e.metadata.namespace, e.metadata.name, e.spec.workflow_ref.name, e.spec.input
+            )
+            for _, e in manifests.executions
+        ]
+        del manifests  # thousands of parsed documents: only what starting needs is kept
         with exclusive(state_dir):
             claim_check = make_claim_check(settings, state_dir)
             try:
-                return await _run(
-                    manifests, registry, state_dir, fmt, settings, claim_check, out, err
-                )
+                async with open_database(settings, state_dir) as db:
+                    bus = make_bus(settings, db.pool)
+                    orchestrator = Orchestrator(
+                        PostgresStore(db.pool),
+                        bus,
+                        batch_size=settings.batch_size,
+                        claim_check=claim_check,
+                    )
+                    try:
+                        for namespace, name, spec in workflows:
+                            await orchestrator.apply_workflow(namespace, name, spec)
+                        ids = await drive(
+                            orchestrator,
+                            bus,
+                            registry,
+                            db.dsn,
+                            requests,
+                            settings,
+                            claim_check,
+                            interrupts,
+                            err,
+                        )
+                        counts = await write_listing(out, fmt, lambda: _pages(orchestrator, ids))
+                    finally:
+                        await bus.close()
+                        await orchestrator.outages.close()
             finally:
                 await claim_check.close()
     except InvalidInputError as exc:
         for problem in exc.problems:
             print(f"error: {problem}", file=err)
         return EXIT_INVALID
-
-
-async def _run(
-    manifests: ValidationResult,
-    registry: Registry,
-    state_dir: Path,
-    fmt: str,
-    settings: Settings,
-    claim_check: ClaimCheck,
-    out: TextIO,
-    err: TextIO,
-) -> int:
-    async with open_database(settings, state_dir) as db:
-        bus = make_bus(settings, db.pool)
-        if db.embedded and isinstance(bus, PostgresBus):
-            # This process owns the state dir (see `exclusive`): locks left in the bus
-            # belong to a previous run that died, so hand their messages out again now
-            # rather than after the lock duration.
-            await bus.release_all_locks()
-        orchestrator = Orchestrator(
-            PostgresStore(db.pool), bus, batch_size=settings.batch_size, claim_check=claim_check
-        )
-        try:
-            for _doc, wf in manifests.workflows:
-                await orchestrator.apply_workflow(wf.metadata.namespace, wf.metadata.name, wf.spec)
-            keys = []
-            for _doc, ex in manifests.executions:
-                meta = ex.metadata
-                await orchestrator.start(
-                    meta.namespace, meta.name, ex.spec.workflow_ref.name, ex.spec.input
-                )
-                keys.append((meta.namespace, meta.name))
-            states = await _drive(
-                orchestrator, bus, registry, db.dsn, keys, settings, claim_check, err
-            )
-        finally:
-            await bus.close()
-    print(render(states, fmt), file=out)
-    done = all(s.phase.value == "Completed" for s in states)
-    return EXIT_OK if done else EXIT_NOT_COMPLETED
-
-
-async def _drive(
-    orchestrator: Orchestrator,
-    bus: Bus,
-    registry: Registry,
-    dsn: str,
-    keys: list[tuple[str, str]],
-    settings: Settings,
-    claim_check: ClaimCheck,
-    err: TextIO,
-) -> list[ExecutionState]:
-    """Run the loops and in-process runners until every execution is terminal."""
-    stop = asyncio.Event()
-    notes = Notifications(dsn, (EXECUTIONS_CHANNEL,))
-    await notes.start()
-    tasks = [asyncio.create_task(orchestrator.run(stop, dsn))]
-    if len(registry):
-        worker = RunnerWorker(
-            bus, registry, concurrency=settings.runner_concurrency, claim_check=claim_check
-        )
-        tasks.append(asyncio.create_task(worker.run(stop)))
-    progress = Progress(err)
-    try:
-        while True:
-            async with orchestrator.pool.acquire() as conn:
-                states = await orchestrator.store.list_executions(conn, keys)
-            progress.update(states)
-            if all(s.phase.is_terminal for s in states):
-                return states
-            for t in tasks:
-                if t.done():
-                    t.result()  # a loop that died takes the run down with its error
-            # Redraw at least every half second on a terminal, so durations tick on.
-            await notes.wait(EXECUTIONS_CHANNEL, 0.5 if progress.live else 5.0)
     finally:
-        progress.clear()
-        stop.set()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await notes.close()
+        interrupts.uninstall()
+    if interrupts.code is not None:
+        left = len(requests) - counts.get("Completed", 0) - counts.get("Failed", 0)
+        left -= counts.get("Cancelled", 0)
+        print(
+            f"stopped before the end: {left} execution(s) not finished; "
+            f"run again with --state-dir {state_dir} to resume them",
+            file=err,
+        )
+        return interrupts.code
+    return EXIT_OK if counts.get("Completed", 0) == len(requests) else EXIT_NOT_COMPLETED
+
+
+async def _pages(
+    orchestrator: Orchestrator, ids: Sequence[str]
+) -> AsyncIterator[list[ExecutionState]]:
+    for first in range(0, len(ids), _PAGE):
+        async with orchestrator.pool.acquire() as conn:
+            yield await reads.executions_by_id(conn, ids[first : first + _PAGE])

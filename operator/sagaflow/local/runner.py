@@ -1,26 +1,29 @@
 """`sagaflow runner`: a step runner process serving the handlers of the given modules.
 
 It attaches to the same database as the orchestrator (SAGAFLOW_DATABASE_URL, or
-the embedded Postgres of a state dir) because the embedded bus lives there. It
-stops cleanly on SIGINT / SIGTERM: running handlers get a grace period, the rest
-are abandoned for redelivery.
+the embedded Postgres of a state dir) because the embedded bus lives there; then it
+also checks each command against the state before running it, and rides out
+database restarts and outages (one log line each). It stops cleanly on SIGINT /
+SIGTERM and exits 0: running handlers get `SAGAFLOW_GRACE_PERIOD_SECONDS`, a second
+signal cancels them at once; what was not finished is handed back for redelivery.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from sagaflow.local.buses import make_bus
 from sagaflow.local.database import open_database
+from sagaflow.local.drive import Interrupts, attempt_check, hurry_on
 from sagaflow.local.inputs import InvalidInputError
 from sagaflow.local.payloads import make_claim_check
 from sagaflow.local.run import EXIT_INVALID, load_runners
 from sagaflow.runtime.claimcheck import ClaimCheck
+from sagaflow.runtime.orchestrator import database_watch
 from sagaflow.runtime.worker import RunnerWorker
 from sagaflow.settings import Settings
 from sagaflow_runner import Registry
@@ -53,17 +56,34 @@ async def run_runner(modules: Sequence[str], state_dir: Path, settings: Settings
 async def _serve(
     registry: Registry, state_dir: Path, settings: Settings, claim_check: ClaimCheck
 ) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    async with contextlib.AsyncExitStack() as stack:
-        pool = None
-        if settings.bus == "postgres":  # the embedded bus lives in the state database
-            pool = (await stack.enter_async_context(open_database(settings, state_dir))).pool
-        bus = make_bus(settings, pool)
-        stack.push_async_callback(bus.close)
-        worker = RunnerWorker(
-            bus, registry, concurrency=settings.runner_concurrency, claim_check=claim_check
-        )
-        await worker.run(stop)
+    interrupts = Interrupts(sys.stderr, settings.grace_period_seconds)
+    interrupts.install()
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            pool = None
+            if settings.bus == "postgres":  # the embedded bus lives in the state database
+                pool = (await stack.enter_async_context(open_database(settings, state_dir))).pool
+            bus = make_bus(settings, pool)
+            stack.push_async_callback(bus.close)
+            outages = check = None
+            if pool is not None:
+                outages = database_watch(pool)
+                stack.push_async_callback(outages.close)
+                check = attempt_check(pool)
+            worker = RunnerWorker(
+                bus,
+                registry,
+                concurrency=settings.runner_concurrency,
+                claim_check=claim_check,
+                check_attempts=check,
+                outages=outages,
+                grace_period=settings.grace_period_seconds,
+                loop_block_seconds=settings.loop_block_seconds,
+            )
+            hurry = asyncio.create_task(hurry_on(interrupts, worker))
+            try:
+                await worker.run(interrupts.stop)
+            finally:
+                hurry.cancel()
+    finally:
+        interrupts.uninstall()

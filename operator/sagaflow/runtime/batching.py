@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from sagaflow.core.ports import Bus, MessageLockLostError, OutgoingMessage, ReceivedMessage
+from sagaflow.runtime.outages import OutageWatch
 
 log = logging.getLogger("sagaflow.runner")
 
@@ -27,8 +28,16 @@ class Settler:
     """Settles finished attempts in batches: one `reply` sends the results and completes
     the commands."""
 
-    def __init__(self, bus: Bus, interval: float, max_batch: int, busy: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        interval: float,
+        max_batch: int,
+        busy: Callable[[], bool],
+        outages: OutageWatch | None = None,
+    ) -> None:
         self._bus = bus
+        self._outages = outages
         self._busy = busy
         self._interval = interval
         self._max = max_batch
@@ -64,7 +73,8 @@ class Settler:
 
     async def _flush(self, batch: list[_Item]) -> None:
         try:
-            await reply(self._bus, [(result, message) for result, message, _ in batch])
+            items = [(result, message) for result, message, _ in batch]
+            await reply(self._bus, items, self._outages)
         finally:
             for _, _, done in batch:
                 if not done.done():
@@ -107,21 +117,34 @@ async def until(stopped: asyncio.Future[Any], awaitable: Awaitable[T]) -> T | No
     return task.result()
 
 
-async def reply(bus: Bus, items: Sequence[tuple[OutgoingMessage | None, ReceivedMessage]]) -> None:
-    """Send the results and complete the commands of a batch in one `reply`."""
+async def reply(
+    bus: Bus,
+    items: Sequence[tuple[OutgoingMessage | None, ReceivedMessage]],
+    outages: OutageWatch | None = None,
+) -> None:
+    """Send the results and complete the commands of a batch in one `reply`.
+
+    Through an outage of the database the results are kept and the reply is tried
+    again when it is back: after a quick restart the locks still hold and nothing
+    runs twice; after a long one they are lost and the commands run again elsewhere.
+    """
     results = [result for result, _ in items if result is not None]
     commands = [message for _, message in items]
-    try:
-        await bus.reply(commands, results)
-    except MessageLockLostError:
-        if len(items) == 1:
-            log.info("lock lost before completing %s; dropped", commands[0].message_id)
-        else:  # one lost lock in the batch: settle one by one so the others still do
-            for item in items:
-                await reply(bus, [item])
-    except Exception:
-        log.exception("settling %d commands failed; abandoning them for a rerun", len(items))
-        await abandon(bus, commands)
+    while True:
+        try:
+            await bus.reply(commands, results)
+        except MessageLockLostError:
+            if len(items) == 1:
+                log.info("lock lost before completing %s; dropped", commands[0].message_id)
+            else:  # one lost lock in the batch: settle one by one so the others still do
+                for item in items:
+                    await reply(bus, [item], outages)
+        except Exception as exc:
+            if outages is not None and await outages.retry(exc):
+                continue
+            log.exception("settling %d commands failed; abandoning them for a rerun", len(items))
+            await abandon(bus, commands)
+        return
 
 
 async def abandon(bus: Bus, messages: Sequence[ReceivedMessage]) -> None:

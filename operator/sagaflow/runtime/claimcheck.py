@@ -27,6 +27,7 @@ import asyncio
 import json
 from typing import Any
 
+from sagaflow.core.messages import output_problem
 from sagaflow.core.payload_refs import find_refs, is_ref, ref_object, replace_refs
 from sagaflow.core.ports import PayloadIntegrityError, PayloadRef, PayloadStore
 
@@ -51,10 +52,13 @@ class ClaimCheck:
 
     async def offload(self, value: dict[str, Any], key: str) -> dict[str, Any]:
         """`value`, or a reference to it once stored, when its compact JSON is larger
-        than the threshold. TypeError / ValueError when it is not JSON-serialisable."""
+        than the threshold. TypeError / ValueError when it is not storable JSON (NaN,
+        NUL, ...): what is stored by reference obeys the same rules as what is not."""
         data = encode(value)
         if len(data) <= self.threshold:
             return value
+        if (problem := output_problem(value, data)) is not None:
+            raise ValueError(problem)
         return ref_object(await self.store.put(key, data))
 
     async def store_always(self, value: Any, key: str) -> dict[str, Any]:
@@ -99,4 +103,4 @@ class ClaimCheck:
 
 def encode(value: Any) -> bytes:
     """Compact JSON, as messages are encoded, so sizes compare like for like."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()

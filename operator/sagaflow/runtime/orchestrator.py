@@ -15,6 +15,14 @@ With a `ClaimCheck`, a dispatched step's rendered input that is too large for a
 message is stored by reference (`<attempt>/input`) as its command is built; state
 is not touched. Step outputs that arrive as references are kept in state as
 references, so execution rows stay small.
+
+Faults, and where they are handled:
+- a batch that fails to apply because one message in it cannot be applied is split:
+  the others are applied, the bad one fails its own step (`faults.py`);
+- dead-lettered commands and results fail the step they belong to (`faults.py`);
+- the database going away: every loop waits for it through one `OutageWatch`
+  (logged once per outage) and resumes; a batch in hand is applied again after the
+  outage, so a quick restart costs no redelivery.
 """
 
 from __future__ import annotations
@@ -30,10 +38,8 @@ from typing import Any
 
 import asyncpg
 
-from sagaflow.adapters.postgres.notify import Notifications
+from sagaflow.adapters.postgres.errors import database_unavailable
 from sagaflow.adapters.postgres.store import (
-    OUTBOX_CHANNEL,
-    TIMERS_CHANNEL,
     Applied,
     PostgresStore,
     new_execution_id,
@@ -61,19 +67,31 @@ from sagaflow.core.messages import (
 from sagaflow.core.ports import (
     Bus,
     Clock,
+    MessageLockLostError,
     OutgoingMessage,
     ReceivedMessage,
     TransactionalBus,
     utc_now,
 )
 from sagaflow.core.state import ExecutionState, new_execution
+from sagaflow.runtime import faults
 from sagaflow.runtime.claimcheck import ClaimCheck
+from sagaflow.runtime.loops import run_loops
+from sagaflow.runtime.outages import OutageWatch
 
 log = logging.getLogger("sagaflow.orchestrator")
 
 
 class NameInUseError(Exception):
     """Another live execution holds the name a new one was to start under."""
+
+
+@dataclass(frozen=True, slots=True)
+class StartRequest:
+    namespace: str
+    name: str
+    workflow: str
+    input: dict[str, Any]
 
 
 def result_fact(result: StepResult) -> Fact:
@@ -137,6 +155,7 @@ class Orchestrator:
         idle_wait: float = 5.0,
         consumers: int = 2,
         claim_check: ClaimCheck | None = None,
+        outages: OutageWatch | None = None,
     ) -> None:
         self.store = store
         self.bus = bus
@@ -148,6 +167,7 @@ class Orchestrator:
         self.consumers = consumers
         self.transactional = isinstance(bus, TransactionalBus)
         self.claim_check = claim_check
+        self.outages = outages or database_watch(store.pool)
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -206,6 +226,54 @@ class Orchestrator:
             await self._commit(tx, [Applied(state.execution_id, decision)], now)
         return decision.state, True
 
+    async def start_many(self, requests: Sequence[StartRequest]) -> list[ExecutionState]:
+        """Start many executions by name in one transaction (idempotent like `start`):
+        the state of each, started now or found. LookupError for an unknown workflow."""
+        now = self.clock()
+        async with self._transaction() as tx:
+            conn = tx.conn
+            found = await self.store.live_executions(
+                conn, [(r.namespace, r.name) for r in requests]
+            )
+            new: list[tuple[ExecutionState, Any]] = []
+            definitions: dict[tuple[str, str], Any] = {}
+            for r in requests:
+                if (r.namespace, r.name) in found:
+                    continue
+                definition = definitions.get((r.namespace, r.workflow))
+                if definition is None:
+                    version = await self.store.current_version(conn, r.namespace, r.workflow)
+                    if version is None:
+                        raise LookupError(f"workflow {r.namespace}/{r.workflow} does not exist")
+                    definition = await self.store.definition(conn, r.namespace, r.workflow, version)
+                    definitions[(r.namespace, r.workflow)] = definition
+                state = new_execution(
+                    execution_id=new_execution_id(),
+                    namespace=r.namespace,
+                    name=r.name,
+                    workflow=r.workflow,
+                    version=definition.version,
+                    input=r.input,
+                    step_names=tuple(s.name for s in definition.steps),
+                )
+                new.append((state, definition))
+            inserted = await self.store.insert_executions(conn, [s for s, _ in new], now)
+            decisions = [
+                decide(state, definition, Start(), now)
+                for state, definition in new
+                if state.execution_id in inserted
+            ]
+            await self._commit(tx, [Applied(d.state.execution_id, d) for d in decisions], now)
+        started = {(d.state.namespace, d.state.name): d.state for d in decisions}
+        if len(started) + len(found) < len(requests):
+            async with self.pool.acquire() as conn:  # lost a race for a name: read the winner
+                found |= await self.store.live_executions(
+                    conn, [(r.namespace, r.name) for r in requests]
+                )
+        return [
+            started.get((r.namespace, r.name)) or found[(r.namespace, r.name)] for r in requests
+        ]
+
     async def _find(
         self, conn: Any, namespace: str, name: str, execution_id: str | None
     ) -> ExecutionState | None:
@@ -235,7 +303,11 @@ class Orchestrator:
 
     # -- one pass of each loop ---------------------------------------------------------
     async def consume_once(self, max_wait: float) -> int:
-        """Receive a batch of result events and apply them in one transaction."""
+        """Receive a batch of result events and apply them in one transaction.
+
+        A batch that fails for want of the database is applied again once it is back;
+        one that fails otherwise is applied message by message, so a message that
+        cannot be applied fails its own step and no other (`faults.isolate`)."""
         received = await self.bus.receive(
             EVENTS_QUEUE, max_messages=self.batch_size, max_wait=max_wait
         )
@@ -250,16 +322,36 @@ class Orchestrator:
                 await self.bus.dead_letter(msg, reason="MalformedMessage", description=str(exc))
                 continue
             parsed.append((msg, result))
-        settle = [m for m, _ in parsed]
+        if not parsed:
+            return 0
         try:
-            await self._apply_events(parsed, settle)
-        except Exception:
-            log.exception("applying %d events failed; they will be redelivered", len(parsed))
-            await self.bus.abandon(settle)
-            raise
+            await self.apply_batch(parsed)
+        except MessageLockLostError:
+            log.info("lost the locks of %d events; they are delivered again", len(parsed))
+            return 0
+        except Exception as exc:
+            if self.outages.failed(exc):
+                raise  # the loop waits for the database; the locks expire or are reused
+            log.warning(
+                "applying %d events together failed (%s); applying them one by one",
+                len(parsed),
+                exc,
+            )
+            await faults.isolate(self, parsed)
+        return len(parsed)
+
+    async def apply_batch(self, parsed: Sequence[tuple[ReceivedMessage, StepResult]]) -> None:
+        """Apply and settle received events; through an outage, again once it is over."""
+        settle = [m for m, _ in parsed]
+        while True:
+            try:
+                await self._apply_events(parsed, settle)
+                break
+            except Exception as exc:
+                if not await self.outages.retry(exc):
+                    raise
         if not self.transactional:
             await self.bus.complete(settle)
-        return len(parsed)
 
     async def _apply_events(
         self,
@@ -279,10 +371,13 @@ class Orchestrator:
                     by_execution[result.execution_id].append((msg.message_id, result))
             states = await self.store.lock_executions(conn, by_execution)
             applied: list[Applied] = []
+            unknown: list[tuple[str, str]] = []
             for eid, items in by_execution.items():
                 state = states.get(eid)
                 if state is None:
-                    log.warning("events for unknown execution %s ignored", eid)
+                    unknown += [
+                        (message_id, "ignored: unknown execution") for message_id, _ in items
+                    ]
                     continue
                 definition = await self.store.definition(
                     conn, state.namespace, state.workflow, state.version
@@ -291,6 +386,9 @@ class Orchestrator:
                     decision = decide(state, definition, result_fact(result), now)
                     state = decision.state
                     applied.append(Applied(eid, decision, message_id))
+            if unknown:
+                log.warning("%d event(s) for executions that do not exist ignored", len(unknown))
+                await self.store.record_outcomes(conn, unknown)
             await self._commit(tx, applied, now)
             if self.transactional:
                 await self.bus.complete_in(conn, settle)  # type: ignore[attr-defined]
@@ -371,59 +469,21 @@ class Orchestrator:
         ]
         return replace(decision, dispatches=tuple(dispatches))
 
+    async def dead_letters_once(self) -> int:
+        """Fail the steps whose commands or results were dead-lettered (`faults.py`)."""
+        return await faults.handle_dead_letters(self)
+
     # -- the loops -------------------------------------------------------------------
     async def run(self, stop: asyncio.Event, dsn: str) -> None:
-        """Run every loop until `stop` is set."""
-        notes = Notifications(dsn, (TIMERS_CHANNEL, OUTBOX_CHANNEL))
-        await notes.start()
-        try:
-            loops = [self._consume_loop(stop) for _ in range(self.consumers)]
-            loops.append(self._timer_loop(stop, notes))
-            if not self.transactional:
-                loops.append(self._relay_loop(stop, notes))
-            tasks = [asyncio.create_task(c) for c in loops]
-            await stop.wait()
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        finally:
-            await notes.close()
+        """Run every loop (`loops.py`) until `stop` is set."""
+        await run_loops(self, stop, dsn)
 
-    async def _consume_loop(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                await self.consume_once(max_wait=self.idle_wait)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("event consumer pass failed")
-                await asyncio.sleep(0.5)  # back off before the redelivery
 
-    async def _timer_loop(self, stop: asyncio.Event, notes: Notifications) -> None:
-        while not stop.is_set():
-            try:
-                while await self.fire_timers_once():
-                    pass
-                async with self.pool.acquire() as conn:
-                    due = await self.store.next_timer_due(conn)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("timer pass failed")
-                due = None
-            wait = self.idle_wait
-            if due is not None:
-                # A floor, so a due timer held by another replica's lock is not spun on.
-                wait = max(0.02, min(wait, (due - self.clock()).total_seconds()))
-            await notes.wait(TIMERS_CHANNEL, wait)
+def database_watch(pool: asyncpg.Pool) -> OutageWatch:
+    """The outage watch of a process whose state is in `pool`'s database."""
 
-    async def _relay_loop(self, stop: asyncio.Event, notes: Notifications) -> None:
-        while not stop.is_set():
-            try:
-                while await self.relay_once():
-                    pass
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("outbox relay pass failed")
-            await notes.wait(OUTBOX_CHANNEL, self.idle_wait)
+    async def probe() -> None:
+        async with pool.acquire() as conn:
+            await conn.fetchval("SELECT 1")
+
+    return OutageWatch("the database", probe, database_unavailable)

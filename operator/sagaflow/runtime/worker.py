@@ -3,37 +3,49 @@
 One receive loop per command queue (`steps.<prefix>` for each registered prefix)
 fills a shared pool of `concurrency` handler slots. A finished attempt becomes a
 StepCompleted or StepFailed event and its command is completed; attempts that
-finish close together are settled with one `send` and one `complete`, because
-per-message round trips cap throughput long before the handlers do.
+finish close together are settled with one `reply`, because per-message round trips
+cap throughput long before the handlers do.
 
 Delivery is at least once. The result is sent *before* the command is completed;
 after a crash in between, the command is redelivered when its lock expires, the
 handler runs again and its result carries the same deterministic message id
 (`<execution>/<step>/<attempt>/result`), which the orchestrator deduplicates. So
 handlers must be idempotent per `ctx.idempotency_key`. A lost lock
-(MessageLockLostError) means another receiver has the command: logged, dropped.
+(MessageLockLostError) means another receiver has the command: logged, dropped. A
+command delivered again while this host still runs it (a lock that expired during a
+database outage) does not start a second run: the running one settles with the
+newer delivery.
+
+What a handler can do wrong fails its own step, never the host:
+- its output is checked before it is sent: anything Postgres could not store (NaN,
+  NUL, ...) fails the step as `InvalidOutput` naming the value's path;
+- `sys.exit` and `os._exit` fail the step (`SystemExit`, `ProcessExit`, see `exits.py`);
+- blocking the event loop is reported with the step's name (`watchdog.py`); plain
+  `def` handlers run in a thread pool (`handlers.py`);
+- a command whose last receiver died holding it runs alone (`isolation.py`).
+
+Where the host can check (`check_attempts`: the Postgres bus's runners can read the
+state), a command whose attempt was never dispatched is dead-lettered unrun
+(`UnknownAttempt`), and one whose attempt is already settled is completed unrun.
 
 A command past its deadline is completed without running, and a handler still
 running at its deadline is cancelled and completed without a result: the
-orchestrator's timer has already timed that attempt out, and a hung handler must
-not hold a slot (and, by lock renewal, its command) forever.
+orchestrator's timer has already timed that attempt out.
 
 On `stop` the loops stop receiving, handlers get `grace_period` seconds, then are
 cancelled and their commands abandoned. Each message is settled once.
-
-With a `ClaimCheck` (see the section at the end) the handler is wrapped: references
-in its input are resolved before it runs, and a large output or a long error message
-is stored by reference before the result is sent. Both happen inside the attempt
-(deadline, lock renewal, shutdown cancel), since moving 50 MB can take a while.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from sagaflow.core.jsonsafe import scrub_text, unstorable
 from sagaflow.core.messages import (
     EVENTS_QUEUE,
     ExecuteStep,
@@ -41,37 +53,36 @@ from sagaflow.core.messages import (
     StepResult,
     commands_queue,
     decode_command,
+    output_problem,
 )
-from sagaflow.core.payload_refs import ref_of
 from sagaflow.core.ports import (
     Bus,
     Clock,
     MessageLockLostError,
     OutgoingMessage,
-    PayloadIntegrityError,
-    PayloadMissingError,
     ReceivedMessage,
     utc_now,
 )
+from sagaflow.runtime import exits
 from sagaflow.runtime.batching import Settler, Slots, abandon, until
 from sagaflow.runtime.claimcheck import ClaimCheck
-from sagaflow_runner import (
-    Handler,
-    PermanentError,
-    Registry,
-    RetryableError,
-    StepContext,
-    StepError,
-)
+from sagaflow.runtime.handlers import MAX_ERROR_MESSAGE, as_async, claim_checked
+from sagaflow.runtime.isolation import Gate
+from sagaflow.runtime.outages import OutageWatch
+from sagaflow.runtime.watchdog import LoopWatchdog
+from sagaflow_runner import AsyncHandler, Registry, StepContext, StepError
 
 log = logging.getLogger("sagaflow.runner")
 
 ResultKind = Literal["StepCompleted", "StepFailed", "StepHeartbeat"]
-# Error messages travel in events and land in execution status; keep them small.
-MAX_ERROR_MESSAGE = 2000
+# attempt ids -> status of each attempt the state knows ("Running", "Succeeded", ...).
+AttemptCheck = Callable[[Sequence[str]], Awaitable[Mapping[str, str]]]
 # A floor so a tiny lock duration cannot turn renewal into a busy loop.
 MIN_RENEW_INTERVAL = 0.01
 MAX_RECEIVE_BACKOFF = 5.0
+# After the grace period and the cancellation of handlers: how long results already
+# computed may take to be settled before the host gives up on them (redelivered).
+SETTLE_AFTER_CANCEL = 5.0
 
 
 class RunnerWorker:
@@ -88,6 +99,9 @@ class RunnerWorker:
         flush_interval: float = 0.002,
         flush_max: int = 100,
         claim_check: ClaimCheck | None = None,
+        check_attempts: AttemptCheck | None = None,
+        outages: OutageWatch | None = None,
+        loop_block_seconds: float = 1.0,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {concurrency}")
@@ -103,12 +117,21 @@ class RunnerWorker:
         self._grace_period = grace_period
         self._receive_wait = receive_wait
         self._slots = Slots(concurrency)
-        self._settler = Settler(bus, flush_interval, flush_max, lambda: bool(self._running))
+        self._outages = outages
+        self._settler = Settler(
+            bus, flush_interval, flush_max, lambda: bool(self._running), outages
+        )
         self._tasks: set[asyncio.Task[None]] = set()  # one per received command
-        self._running: dict[asyncio.Task[None], ReceivedMessage] = {}  # inside a handler
+        self._running: dict[asyncio.Task[Any], _Attempt] = {}  # inside a handler
+        self._attempts: dict[str, _Attempt] = {}  # by attempt id, from start to settling
         self._background: set[asyncio.Task[None]] = set()  # lock renewals in flight
         self._to_abandon: list[ReceivedMessage] = []
         self._claim_check = claim_check
+        self._check_attempts = check_attempts
+        self._gate = Gate()
+        self._hurry = asyncio.Event()
+        self._threads = ThreadPoolExecutor(concurrency, thread_name_prefix="sagaflow-step")
+        self._loop_block_seconds = loop_block_seconds
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve commands until `stop` is set, then shut down gracefully."""
@@ -118,18 +141,40 @@ class RunnerWorker:
             raise RuntimeError("no step handlers registered: load the step modules first")
         log.info("runner serving %s (%s)", ", ".join(queues), ", ".join(self._registry.types()))
         settler = asyncio.create_task(self._settler.run(), name="sagaflow-runner-settler")
+        watchdog = LoopWatchdog(
+            asyncio.get_running_loop(), self._loop_block_seconds, self.describe_task
+        )
+        watchdog.start()
         grace = 0.0  # cancelled from outside or crashed: no grace, but still abandon cleanly
         try:
-            async with asyncio.TaskGroup() as group:
-                for queue in queues:
-                    group.create_task(self._receive_loop(queue, stop, shares=len(queues)))
-            grace = self._grace_period
+            with exits.guarding():
+                try:
+                    async with asyncio.TaskGroup() as group:
+                        for queue in queues:
+                            group.create_task(self._receive_loop(queue, stop, shares=len(queues)))
+                    grace = self._grace_period
+                finally:
+                    await self._drain(grace)
         finally:
-            try:
-                await self._drain(grace)
-            finally:
-                settler.cancel()
-                await asyncio.wait({settler})
+            settler.cancel()
+            await asyncio.wait({settler})
+            watchdog.stop()
+            self._threads.shutdown(wait=False, cancel_futures=True)
+
+    def hurry(self) -> None:
+        """Stopping: cancel running handlers now instead of after the grace period."""
+        self._hurry.set()
+
+    def describe_task(self, task: asyncio.Task[Any] | None) -> str:
+        """Who a task is, for people: a running handler by its step, else its name."""
+        attempt = self._running.get(task) if task is not None else None
+        if attempt is not None:
+            return f"step {_who(attempt.cmd)}"
+        return "no step handler" if task is None else f"task {task.get_name()!r}, not a step"
+
+    def running(self) -> list[tuple[ExecuteStep, datetime]]:
+        """The attempts running here now, with when each started (for progress)."""
+        return [(a.cmd, a.started_at) for a in self._attempts.values()]
 
     async def _receive_loop(self, queue: str, stop: asyncio.Event, *, shares: int) -> None:
         # A loop blocks in receive only while holding its fair share of the slots, so an
@@ -141,8 +186,12 @@ class RunnerWorker:
         failures = 0
         try:
             while not stop.is_set():
+                # While a suspect waits to run alone, take nothing new.
+                await until(stopped, self._gate.open())
                 taken = await until(stopped, self._slots.take(want))
-                if taken is None:
+                if taken is None or stop.is_set():
+                    if taken:
+                        self._slots.give(taken)
                     return
                 try:
                     received = await until(
@@ -153,8 +202,11 @@ class RunnerWorker:
                             max_wait=self._receive_wait if taken <= share else 0,
                         ),
                     )
-                except Exception:
+                except Exception as exc:
                     self._slots.give(taken)
+                    if self._outages is not None and self._outages.failed(exc):
+                        await until(stopped, self._outages.available())
+                        continue
                     failures += 1
                     delay = min(0.1 * 2 ** min(failures, 10), MAX_RECEIVE_BACKOFF)
                     log.exception("receiving from %s failed; retrying in %.1fs", queue, delay)
@@ -165,14 +217,18 @@ class RunnerWorker:
                     self._slots.give(taken)
                     return
                 self._slots.give(taken - len(received))
-                if stop.is_set():
-                    # Received as we were told to stop: hand them straight back.
+                statuses = await self._statuses(received)
+                if stop.is_set() or statuses is False:
+                    # Received as we were told to stop, or unverifiable: hand them back.
                     await abandon(self._bus, received)
                     self._slots.give(len(received))
-                    return
+                    if stop.is_set():
+                        return
+                    continue
                 now = self._clock()
                 for message in received:
-                    task = asyncio.create_task(self._process(message, now))
+                    status = None if statuses is None else statuses.get(message.message_id, "")
+                    task = asyncio.create_task(self._process(message, now, status))
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
                 # A full batch means more is waiting: ask for more next time.
@@ -180,14 +236,38 @@ class RunnerWorker:
         finally:
             stopped.cancel()
 
+    async def _statuses(
+        self, received: Sequence[ReceivedMessage]
+    ) -> Mapping[str, str] | Literal[False] | None:
+        """What the state says of each received attempt, when this host can ask it (None
+        when it cannot); False when asking failed: the commands are handed back."""
+        if self._check_attempts is None or not received:
+            return None
+        try:
+            return await self._check_attempts([m.message_id for m in received])
+        except Exception as exc:
+            if self._outages is None or not self._outages.failed(exc):
+                log.exception("checking %d commands against the state failed", len(received))
+            return False
+
     async def _drain(self, grace: float) -> None:
         try:
-            if self._tasks and grace > 0:
-                await asyncio.wait(set(self._tasks), timeout=grace)
+            if self._tasks and grace > 0 and not self._hurry.is_set():
+                everything = asyncio.ensure_future(asyncio.wait(set(self._tasks)))
+                hurry = asyncio.ensure_future(self._hurry.wait())
+                await asyncio.wait(
+                    {everything, hurry}, timeout=grace, return_when=asyncio.FIRST_COMPLETED
+                )
+                everything.cancel()
+                hurry.cancel()
         finally:
             # Only handlers are cancelled; attempts already settling finish through the
             # settler, so nothing is both completed and abandoned.
             for task in list(self._running):
+                task.cancel()
+            if self._tasks:
+                await asyncio.wait(set(self._tasks), timeout=SETTLE_AFTER_CANCEL)
+            for task in list(self._tasks):  # settling never came (the database is gone)
                 task.cancel()
             if self._tasks:
                 await asyncio.wait(set(self._tasks))
@@ -198,16 +278,22 @@ class RunnerWorker:
                 log.info("abandoned %d running commands for redelivery", len(leftover))
                 await abandon(self._bus, leftover)
 
-    async def _process(self, message: ReceivedMessage, received_at: datetime) -> None:
+    async def _process(
+        self, message: ReceivedMessage, received_at: datetime, status: str | None
+    ) -> None:
         try:
-            await self._handle(message, received_at)
+            await self._handle(message, received_at, status)
+        except asyncio.CancelledError:
+            pass  # shutdown: the command is abandoned or its lock expires
         except Exception:
             # A bug here must not kill the worker; the lock expires and it is redelivered.
             log.exception("unexpected error handling command %s", message.message_id)
         finally:
             self._slots.give(1)
 
-    async def _handle(self, message: ReceivedMessage, received_at: datetime) -> None:
+    async def _handle(
+        self, message: ReceivedMessage, received_at: datetime, status: str | None
+    ) -> None:
         try:
             cmd = decode_command(message.body)
             deadline = _parse_deadline(cmd.deadline)
@@ -216,33 +302,67 @@ class RunnerWorker:
         except MalformedMessageError as exc:
             await self._dead_letter(message, "MalformedMessage", str(exc))
             return
+        if status == "":
+            description = (
+                f"no execution {cmd.execution_id} has dispatched attempt {cmd.attempt} of "
+                f"step {cmd.step!r}: not run"
+            )
+            await self._dead_letter(message, "UnknownAttempt", description)
+            return
+        if status is not None and status != "Running":
+            log.info("attempt already %s, not running it: %s", status.lower(), _who(cmd))
+            await self._settler.settle(None, message)
+            return
         handler = self._registry.handler(cmd.type)
         if handler is None:
             served = ", ".join(self._registry.types())
             description = f"no handler for step type {cmd.type!r} here (serves: {served})"
             await self._dead_letter(message, "UnknownStepType", description)
             return
-        if self._claim_check is not None:
-            handler = _claim_checked(handler, self._claim_check)
+        running = self._attempts.get(cmd.attempt_id)
+        if running is not None:
+            # Delivered again while it runs here (its lock expired meanwhile): one run
+            # only, settled with the newer delivery's lock.
+            log.info("delivered again while running here; not started twice: %s", _who(cmd))
+            running.message = message
+            return
         if deadline is not None and deadline <= self._clock():
             log.info("deadline passed before start, not running: %s", _who(cmd))
             await self._settler.settle(None, message)
             return
-        result = await self._run(cmd, handler, message, received_at, deadline)
-        await self._settler.settle(None if result is None else _event(cmd, result), message)
+        attempt = _Attempt(self, cmd, message, self._clock())
+        self._attempts[cmd.attempt_id] = attempt
+        try:
+            result = await self._isolated(attempt, as_async(handler, self._threads), deadline)
+        finally:
+            del self._attempts[cmd.attempt_id]
+        await self._settler.settle(None if result is None else _event(cmd, result), attempt.message)
+
+    async def _isolated(
+        self, attempt: _Attempt, handler: AsyncHandler, deadline: datetime | None
+    ) -> StepResult | None:
+        if attempt.message.crash_count == 0:
+            async with self._gate.shared():
+                return await self._run(attempt, handler, deadline)
+        who = _who(attempt.cmd)
+        log.warning(
+            "running alone: the last process to hold this command died while running it "
+            "(%d time(s)): %s",
+            attempt.message.crash_count,
+            who,
+        )
+        async with self._gate.exclusive(who):
+            return await self._run(attempt, handler, deadline)
 
     async def _run(
-        self,
-        cmd: ExecuteStep,
-        handler: Handler,
-        message: ReceivedMessage,
-        received_at: datetime,
-        deadline: datetime | None,
+        self, attempt: _Attempt, handler: AsyncHandler, deadline: datetime | None
     ) -> StepResult | None:
         """The attempt's result, or None when it ran past its deadline."""
+        cmd = attempt.cmd
         task = asyncio.current_task()
         assert task is not None
-        attempt = _Attempt(self, cmd, message)
+        if self._claim_check is not None:
+            handler = claim_checked(handler, self._claim_check)
         ctx = StepContext(
             execution=cmd.execution,
             execution_id=cmd.execution_id,
@@ -251,20 +371,22 @@ class RunnerWorker:
             deadline=deadline,
             heartbeat=attempt.heartbeat,
             idempotency_key=cmd.attempt_id,
+            loop=asyncio.get_running_loop(),
         )
         timeout = asyncio.timeout(self._seconds_left(deadline))
-        lock_seconds = (message.locked_until - received_at).total_seconds()
+        lock_seconds = (attempt.message.locked_until - attempt.started_at).total_seconds()
         if lock_seconds > 0:
             attempt.keep_lock(max(lock_seconds * self._renew_fraction, MIN_RENEW_INTERVAL))
-        self._running[task] = message
+        self._running[task] = attempt
         try:
             async with timeout:
-                output = await handler(cmd.input, ctx)
+                with exits.step_code():
+                    output = await handler(cmd.input, ctx)
         except asyncio.CancelledError:
             if not task.cancelling():
                 # The handler leaked a CancelledError of its own: a failure, not a shutdown.
                 return _failed(cmd, "CancelledError", "handler raised CancelledError", True)
-            self._to_abandon.append(message)
+            self._to_abandon.append(attempt.message)
             log.info("cancelled at shutdown, will be redelivered: %s", _who(cmd))
             raise
         except TimeoutError as exc:
@@ -272,6 +394,8 @@ class RunnerWorker:
                 log.warning("ran past its deadline, cancelled without a result: %s", _who(cmd))
                 return None
             return _failed_from(cmd, exc)
+        except SystemExit as exc:
+            return _failed(cmd, *exits.exit_failure(exc), retryable=False)
         except Exception as exc:
             return _failed_from(cmd, exc)
         finally:
@@ -298,13 +422,17 @@ class RunnerWorker:
 
 
 class _Attempt:
-    """One running handler's heartbeats and lock renewals."""
+    """One running attempt: its command, the delivery it settles with, heartbeats and
+    lock renewals."""
 
-    def __init__(self, worker: RunnerWorker, cmd: ExecuteStep, message: ReceivedMessage) -> None:
+    def __init__(
+        self, worker: RunnerWorker, cmd: ExecuteStep, message: ReceivedMessage, started: datetime
+    ) -> None:
         self._worker = worker
         self._bus = worker._bus
-        self._cmd = cmd
-        self._message = message
+        self.cmd = cmd
+        self.message = message  # replaced when the command is delivered again meanwhile
+        self.started_at = started
         self._sequence = 0
         self._closed = False
         self._interval = 0.0
@@ -317,11 +445,11 @@ class _Attempt:
         if self._closed:
             return
         self._sequence += 1
-        beat = _result(self._cmd, "StepHeartbeat", sequence=self._sequence)
+        beat = _result(self.cmd, "StepHeartbeat", sequence=self._sequence)
         try:
-            await self._bus.send([_event(self._cmd, beat)])
+            await self._bus.send([_event(self.cmd, beat)])
         except Exception as exc:
-            log.warning("heartbeat send failed (%s): %s", exc, _who(self._cmd))
+            log.warning("heartbeat send failed (%s): %s", exc, _who(self.cmd))
         await self._renew()
 
     def keep_lock(self, interval: float) -> None:
@@ -343,23 +471,29 @@ class _Attempt:
 
     async def _renew(self, *, rearm: bool = False) -> None:
         try:
-            await self._bus.renew_lock([self._message])
+            await self._bus.renew_lock([self.message])
         except MessageLockLostError:
-            log.warning("lock lost, the command may run twice: %s", _who(self._cmd))
+            log.warning("lock lost, the command may run twice: %s", _who(self.cmd))
             return
         except Exception as exc:
-            log.warning("lock renewal failed (%s): %s", exc, _who(self._cmd))
+            log.warning("lock renewal failed (%s): %s", exc, _who(self.cmd))
         if rearm and not self._closed:
             self.keep_lock(self._interval)
 
 
-# A finished attempt waiting to be settled: its event (if any), its command, a done signal.
 def _event(cmd: ExecuteStep, result: StepResult) -> OutgoingMessage:
+    """The result as a message; an output that could not be sent or stored becomes the
+    step's InvalidOutput failure, naming where in the output the problem is."""
     try:
         body = result.encode()
+        problem = output_problem(result.output, body) if result.kind == "StepCompleted" else None
     except (TypeError, ValueError) as exc:
         # Only a handler's output can fail to encode.
-        result = _failed(cmd, "InvalidOutput", f"output is not JSON-serialisable: {exc}", False)
+        problem = unstorable(result.output, "output")
+        problem = f"the step's output cannot be stored: {problem}" if problem else None
+        problem = problem or f"output is not JSON-serialisable: {exc}"
+    if problem is not None:
+        result = _failed(cmd, "InvalidOutput", problem, False)
         body = result.encode()
     return OutgoingMessage(EVENTS_QUEUE, result.message_id, result.execution_id, body)
 
@@ -378,8 +512,8 @@ def _failed(cmd: ExecuteStep, error_type: str, message: str, retryable: bool) ->
     return _result(
         cmd,
         "StepFailed",
-        error_type=error_type,
-        error_message=message[:MAX_ERROR_MESSAGE],
+        error_type=scrub_text(error_type),
+        error_message=scrub_text(message[:MAX_ERROR_MESSAGE]),
         retryable=retryable,
     )
 
@@ -390,8 +524,8 @@ def _result(cmd: ExecuteStep, kind: ResultKind, **fields: Any) -> StepResult:
 
 def _who(cmd: ExecuteStep) -> str:
     return (
-        f"execution={cmd.execution} id={cmd.execution_id} step={cmd.step} "
-        f"attempt={cmd.attempt} type={cmd.type}"
+        f"{cmd.step} of execution {cmd.execution} (id={cmd.execution_id}, "
+        f"attempt {cmd.attempt}, type {cmd.type})"
     )
 
 
@@ -406,69 +540,3 @@ def _parse_deadline(value: object) -> datetime | None:
         raise MalformedMessageError(f"deadline: {exc}") from exc
     # A deadline without an offset is taken as UTC, the orchestrator's clock.
     return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
-
-
-# -- claim check: payloads by reference -----------------------------------------------
-# Kept apart from the worker's delivery logic: a wrapper around the handler, so
-# resolving and storing run inside the attempt exactly as the handler does, and
-# their failures become StepFailed results through the usual path.
-
-# What a reference that cannot be resolved means for the attempt: the same command
-# can never succeed when its payload is gone or corrupt; a store that failed may work
-# on the next attempt.
-_UNUSABLE = {PayloadMissingError: "PayloadMissing", PayloadIntegrityError: "PayloadIntegrity"}
-
-
-def _claim_checked(handler: Handler, claim_check: ClaimCheck) -> Handler:
-    async def run(input: dict[str, Any], ctx: StepContext) -> dict[str, Any] | None:
-        try:
-            resolved = await claim_check.resolve(input)
-        except Exception as exc:
-            kind = next((t for c, t in _UNUSABLE.items() if isinstance(exc, c)), None)
-            if kind is not None:
-                raise PermanentError(f"step input: {exc}", type=kind) from exc
-            raise RetryableError(f"step input: {exc}", type="PayloadUnavailable") from exc
-        try:
-            output = await handler(resolved, ctx)
-        except Exception as exc:
-            replacement = await _with_long_message_stored(exc, claim_check, ctx)
-            if replacement is exc:
-                raise
-            raise replacement from exc
-        if not isinstance(output, dict):
-            return output  # the worker reports InvalidOutput
-        try:
-            return await claim_check.offload(output, f"{ctx.idempotency_key}/output")
-        except (TypeError, ValueError):
-            return output  # not JSON: the worker reports InvalidOutput when encoding
-        except Exception as exc:
-            raise RetryableError(
-                f"storing the step output failed: {exc}", type="PayloadUnavailable"
-            ) from exc
-
-    return run
-
-
-async def _with_long_message_stored(
-    exc: Exception, claim_check: ClaimCheck, ctx: StepContext
-) -> Exception:
-    """`exc`, or when its message is too long for the event, a StepError of the same
-    type and retryability whose message ends with the reference to the full text."""
-    message = str(exc)
-    if len(message) <= MAX_ERROR_MESSAGE:
-        return exc
-    try:
-        marker = await claim_check.store_always(
-            {"message": message}, f"{ctx.idempotency_key}/error"
-        )
-    except Exception as store_exc:
-        log.warning("storing a long error message failed, truncating it: %s", store_exc)
-        return exc
-    ref = ref_of(marker)
-    suffix = f" ... [full message, {ref.size} bytes: {ref.uri}]"
-    short = message[: max(0, MAX_ERROR_MESSAGE - len(suffix))] + suffix
-    if isinstance(exc, StepError):
-        kind = RetryableError if exc.retryable else PermanentError
-        return kind(short, type=exc.type)
-    log.debug("handler traceback: %s", ctx.idempotency_key, exc_info=exc)
-    return RetryableError(short, type=type(exc).__name__)

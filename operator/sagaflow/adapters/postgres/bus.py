@@ -12,6 +12,14 @@ unsettled messages be received again (delivery count + 1). A message received mo
 than `max_delivery_count` times is dead-lettered instead. Times come from the
 injected clock, passed as parameters, never from the database's now().
 
+Beyond Service Bus: a receiving bus holds a lease (`receivers.py`), so a receiver
+that died is told apart from one that is merely slow. What a dead receiver held is
+released at once and counts a crash, not a failed delivery; a message held by a
+receiver that died is a suspect and is received alone (`ReceivedMessage.crash_count`),
+and one whose receiver dies again while running it alone `max_crash_count` times is
+dead-lettered as `ReceiverCrashed`. Dead letters are received too
+(`receive_dead_letters`), by the orchestrator, which fails the step they belong to.
+
 Each operation is one statement over arrays (`unnest`), so batches cost one round
 trip. Waiting receivers sleep on LISTEN (channel `sagaflow_bus`, payload the queue)
 or until the next scheduled message or lock expiry, never polling.
@@ -28,16 +36,22 @@ from typing import Any
 
 import asyncpg
 
+from sagaflow.adapters.postgres.receivers import ReceiverLease
 from sagaflow.core.ports import (
+    DEAD_LETTER_SUFFIX,
     Clock,
     DeadLetter,
     MessageLockLostError,
     OutgoingMessage,
+    ReceivedDeadLetter,
     ReceivedMessage,
+    dead_letter_queue,
     utc_now,
 )
 
 NOTIFY_CHANNEL = "sagaflow_bus"
+# Notified (payload: the queue) whenever a message goes to the dead letters.
+DEAD_LETTERS_CHANNEL = "sagaflow_dead_letters"
 
 # A receive that lost every session it picked to concurrent receivers (or whose
 # messages all went to the dead letters) tries again at once; bounded, in case
@@ -58,10 +72,11 @@ SELECT pg_notify('sagaflow_bus', d.queue) FROM (SELECT DISTINCT queue FROM ins) 
 """
 
 # $1 queue, $2 now, $3 max messages, $4 locked until, $5 max delivery count, $6 the
-# receive's lock token. The statement is `bus_receive` in the migration, which says
-# what it does and why it is a function. Rows: 'm' a message; one 'w' with the size
-# of the window and the sessions won (those that got no message are to be released).
-_RECEIVE = "SELECT * FROM bus_receive($1, $2, $3, $4, $5, $6)"
+# receive's lock token, $7 this receiver, $8 max crashes. The statement is
+# `bus_receive` in the migrations (0001, 0004), which say what it does and why it is a
+# function. Rows: 'm' a message; one 'w' with the size of the window and the sessions
+# won (those that got no message are to be released).
+_RECEIVE = "SELECT * FROM bus_receive($1, $2, $3, $4, $5, $6, $7, $8)"
 
 # Lock order, to stay free of deadlocks: every statement locks session rows first,
 # in (queue, session_id) order, then messages. A receive (`bus_receive`) inserts its
@@ -130,9 +145,12 @@ _DEAD_LETTER = f"""{_LOCK_SESSIONS}, settled AS (
     RETURNING m.*
 ), buried AS (
     INSERT INTO bus_dead_letters (queue, message_id, session_id, body, reason, description,
-                                  delivery_count, enqueued_at, dead_lettered_at)
-    SELECT queue, message_id, session_id, body, $6, $7, delivery_count, enqueued_at, $5
+                                  delivery_count, enqueued_at, dead_lettered_at, crash_count)
+    SELECT queue, message_id, session_id, body, $6, $7, delivery_count, enqueued_at, $5,
+           crash_count
     FROM settled
+    -- Notifications repeated in one transaction are delivered once.
+    RETURNING pg_notify('sagaflow_dead_letters', queue)
 )""" + _RELEASE_AND_WAKE.format(pending=_OTHERS_PENDING)
 
 # Abandoning does not check expiry: the message is meant to be redelivered anyway,
@@ -165,13 +183,22 @@ _DEAD_LETTERS = """SELECT queue, message_id, session_id, body, reason, descripti
     delivery_count, dead_lettered_at FROM bus_dead_letters WHERE queue = $1 ORDER BY seq"""
 
 
-_RELEASE_ALL = """
-WITH sessions AS (
-    DELETE FROM bus_sessions RETURNING queue
-), messages AS (
-    UPDATE bus_messages SET lock_token = NULL, locked_until = NULL WHERE lock_token IS NOT NULL
-)
-SELECT pg_notify('sagaflow_bus', d.queue) FROM (SELECT DISTINCT queue FROM sessions) AS d
+# Dead letters waiting to be handled: $1 queue, $2 now, $3 token, $4 locked until, $5 max.
+_RECEIVE_DEAD = """
+UPDATE bus_dead_letters d SET lock_token = $3, locked_until = $4
+WHERE d.seq IN (SELECT x.seq FROM bus_dead_letters x
+                WHERE x.queue = $1 AND x.handled_at IS NULL
+                  AND (x.locked_until IS NULL OR x.locked_until <= $2)
+                ORDER BY x.seq LIMIT $5 FOR UPDATE SKIP LOCKED)
+RETURNING seq, queue, message_id, session_id, body, reason, description, delivery_count,
+          enqueued_at, dead_lettered_at, crash_count
+"""
+# $1 seqs, $2 tokens, $3 now: handled, kept for inspection.
+_COMPLETE_DEAD = """
+UPDATE bus_dead_letters d SET handled_at = $3, lock_token = NULL, locked_until = NULL
+FROM unnest($1::bigint[], $2::uuid[]) AS t(seq, token)
+WHERE d.seq = t.seq AND d.lock_token = t.token AND d.locked_until > $3
+  AND d.handled_at IS NULL
 """
 
 
@@ -200,14 +227,21 @@ class PostgresBus:
         clock: Clock = utc_now,
         lock_duration: float = 60.0,
         max_delivery_count: int = 10,
+        max_crash_count: int = 3,
         listen_dsn: str | None = None,
+        lease_seconds: float = 10.0,
+        lease_interval: float = 2.0,
     ) -> None:
-        if lock_duration <= 0 or max_delivery_count < 1:
-            raise ValueError("lock_duration must be > 0 and max_delivery_count >= 1")
+        if lock_duration <= 0 or max_delivery_count < 1 or max_crash_count < 1:
+            raise ValueError(
+                "lock_duration must be > 0, max_delivery_count and max_crash_count >= 1"
+            )
         self._pool = pool
         self._clock = clock
         self._lock_duration = timedelta(seconds=lock_duration)
         self._max_delivery_count = max_delivery_count
+        self._max_crash_count = max_crash_count
+        self._lease = ReceiverLease(pool, lease_seconds=lease_seconds, interval=lease_interval)
         self._listen_dsn = listen_dsn
         # One event per queue with waiters; a notification pops and sets it, so every
         # receiver that took the event before the notification wakes, none misses it.
@@ -239,6 +273,7 @@ class PostgresBus:
             raise ValueError("max_messages must be at least 1")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max_wait
+        await self._lease.ensure()
         while not self._closed:
             # Taken before looking, so a send committed after the look still wakes us.
             wake = await self._wake_event(queue) if max_wait > 0 else None
@@ -258,7 +293,15 @@ class PostgresBus:
             token = uuid.uuid4()
             async with self._pool.acquire() as conn:
                 rows = await conn.fetch(
-                    _RECEIVE, queue, now, max_messages, until, self._max_delivery_count, token
+                    _RECEIVE,
+                    queue,
+                    now,
+                    max_messages,
+                    until,
+                    self._max_delivery_count,
+                    token,
+                    self._lease.id,
+                    self._max_crash_count,
                 )
                 messages = [
                     _received(queue, row, until, str(token)) for row in rows if row["kind"] == "m"
@@ -292,7 +335,18 @@ class PostgresBus:
 
     async def complete_in(self, conn: Any, messages: Sequence[ReceivedMessage]) -> None:
         """Complete within `conn`'s transaction. On MessageLockLostError the caller must
-        roll back: the messages will be (or already were) delivered again."""
+        roll back: the messages will be (or already were) delivered again.
+
+        Dead letters (from `receive_dead_letters`) are marked handled and kept."""
+        letters = [m for m in messages if m.queue.endswith(DEAD_LETTER_SUFFIX)]
+        messages = [m for m in messages if not m.queue.endswith(DEAD_LETTER_SUFFIX)]
+        if letters:
+            wanted = {int(m.handle): uuid.UUID(m.lock_token) for m in letters}
+            done = await conn.execute(
+                _COMPLETE_DEAD, list(wanted), list(wanted.values()), self._clock()
+            )
+            if done != f"UPDATE {len(wanted)}":
+                raise MessageLockLostError("a dead letter is no longer locked by this receiver")
         if messages:
             held = _held(messages)
             settled, _ = await conn.fetchrow(_COMPLETE, *held, self._clock())
@@ -342,13 +396,49 @@ class PostgresBus:
             rows = await conn.fetch(_DEAD_LETTERS, queue)
         return [DeadLetter(**dict(row)) for row in rows]
 
-    async def release_all_locks(self) -> None:
-        """Make every locked message receivable now, as if all locks had expired.
-
-        Only for a process that knows it is the bus's sole user, such as a local run
-        restarting after a crash: other receivers would lose their sessions."""
+    async def receive_dead_letters(
+        self, queue: str, *, max_messages: int = 100
+    ) -> list[ReceivedDeadLetter]:
+        now = self._clock()
+        until = now + self._lock_duration
+        token = uuid.uuid4()
         async with self._pool.acquire() as conn:
-            await conn.execute(_RELEASE_ALL)
+            rows = await conn.fetch(_RECEIVE_DEAD, queue, now, token, until, max_messages)
+        return [
+            ReceivedDeadLetter(
+                DeadLetter(
+                    queue=row["queue"],
+                    message_id=row["message_id"],
+                    session_id=row["session_id"],
+                    body=bytes(row["body"]),
+                    reason=row["reason"],
+                    description=row["description"],
+                    delivery_count=row["delivery_count"],
+                    dead_lettered_at=row["dead_lettered_at"],
+                ),
+                ReceivedMessage(
+                    queue=dead_letter_queue(queue),
+                    message_id=row["message_id"],
+                    session_id=row["session_id"],
+                    body=bytes(row["body"]),
+                    delivery_count=row["delivery_count"],
+                    enqueued_at=row["enqueued_at"],
+                    locked_until=until,
+                    lock_token=str(token),
+                    handle=row["seq"],
+                    crash_count=row["crash_count"],
+                ),
+            )
+            for row in sorted(rows, key=lambda r: int(r["seq"]))
+        ]
+
+    async def reap(self) -> int:
+        """Release what receivers that died held (see `receivers.py`); how many."""
+        return await self._lease.reap()
+
+    @property
+    def receiver_id(self) -> uuid.UUID:
+        return self._lease.id
 
     # -- wake-ups -----------------------------------------------------------------
 
@@ -397,6 +487,7 @@ class PostgresBus:
         """Stop listening and wake waiting receivers, which then return nothing."""
         self._closed = True
         self._wake_all()
+        await self._lease.close()
         async with self._listener_lock:
             conn, self._listener = self._listener, None
             lost, self._lost_listener = self._lost_listener, None
@@ -427,4 +518,5 @@ def _received(queue: str, row: Any, locked_until: datetime, lock_token: str) -> 
         locked_until=locked_until,
         lock_token=lock_token,
         handle=row["seq"],
+        crash_count=row["crash_count"],
     )

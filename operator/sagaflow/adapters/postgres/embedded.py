@@ -24,6 +24,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from sagaflow.adapters.postgres.processes import pid_alive, process_state
+
+__all__ = ["EmbeddedPostgres", "pg_bin_dir", "pid_alive", "postmaster_pid"]
+
 _HANDLE_FILE = ".handle_pids.json"
 _REAP_TIMEOUT = 10.0
 
@@ -68,25 +72,6 @@ def _import_pgserver(runtime_dir: Path) -> Any:
             os.environ["XDG_RUNTIME_DIR"] = previous
 
 
-def _process_state(pid: int) -> str | None:
-    """None when gone, "Z" for a zombie (dead, not yet reaped), else another letter."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass
-    with contextlib.suppress(OSError, IndexError):
-        # The state follows the parenthesised command name, which may hold spaces.
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    return "?"
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process `pid` runs (a zombie does not)."""
-    return _process_state(pid) not in (None, "Z")
-
-
 def _postmaster_file_pid(pgdata: Path) -> int | None:
     with contextlib.suppress(FileNotFoundError, ValueError, IndexError):
         return int((pgdata / "postmaster.pid").read_text().splitlines()[0])
@@ -104,7 +89,7 @@ def _wait_for_reaping(pgdata: Path, timeout: float = _REAP_TIMEOUT) -> None:
     postgres take a zombie in `postmaster.pid` for a running server: wait it out."""
     pid = _postmaster_file_pid(pgdata)
     deadline = time.monotonic() + timeout
-    while pid is not None and _process_state(pid) == "Z" and time.monotonic() < deadline:
+    while pid is not None and process_state(pid) == "Z" and time.monotonic() < deadline:
         time.sleep(0.05)
 
 

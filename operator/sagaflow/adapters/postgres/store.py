@@ -192,6 +192,46 @@ class PostgresStore:
         )
         return row is not None
 
+    async def insert_executions(
+        self, conn: asyncpg.Connection, states: Sequence[ExecutionState], now: datetime
+    ) -> set[str]:
+        """Insert new execution rows in one statement; the ids actually inserted (a row
+        whose id or live name exists already is skipped)."""
+        if not states:
+            return set()
+        rows = await conn.fetch(
+            "INSERT INTO sagaflow_executions (execution_id, namespace, name, workflow, "
+            "workflow_version, phase, revision, state, created_at, updated_at) "
+            "SELECT i, ns, n, w, v, p, r, s::jsonb, $9, $9 FROM unnest($1::text[], "
+            "$2::text[], $3::text[], $4::text[], $5::int[], $6::text[], $7::bigint[], "
+            "$8::text[]) AS t(i, ns, n, w, v, p, r, s) "
+            "ON CONFLICT DO NOTHING RETURNING execution_id",
+            [s.execution_id for s in states],
+            [s.namespace for s in states],
+            [s.name for s in states],
+            [s.workflow for s in states],
+            [s.version for s in states],
+            [s.phase.value for s in states],
+            [s.revision for s in states],
+            [json.dumps(s.to_json()) for s in states],
+            now,
+        )
+        return {r["execution_id"] for r in rows}
+
+    async def live_executions(
+        self, conn: asyncpg.Connection, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], ExecutionState]:
+        """The executions holding these (namespace, name) keys, by key."""
+        rows = await conn.fetch(
+            "SELECT e.state FROM unnest($1::text[], $2::text[]) AS k(ns, n) "
+            "JOIN sagaflow_executions e ON e.namespace = k.ns AND e.name = k.n "
+            "AND e.released_at IS NULL",
+            [k[0] for k in keys],
+            [k[1] for k in keys],
+        )
+        states = [ExecutionState.from_json(json.loads(r["state"])) for r in rows]
+        return {(s.namespace, s.name): s for s in states}
+
     async def lock_executions(
         self, conn: asyncpg.Connection, ids: Iterable[str], *, skip_locked: bool = False
     ) -> dict[str, ExecutionState]:
@@ -250,18 +290,6 @@ class PostgresStore:
         )
         return None if raw is None else ExecutionState.from_json(json.loads(raw))
 
-    async def list_executions(
-        self, conn: asyncpg.Connection, keys: Sequence[tuple[str, str]]
-    ) -> list[ExecutionState]:
-        rows = await conn.fetch(
-            "SELECT e.state FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS k(ns, n, i) "
-            "JOIN sagaflow_executions e ON e.namespace = k.ns AND e.name = k.n "
-            "AND e.released_at IS NULL ORDER BY k.i",
-            [k[0] for k in keys],
-            [k[1] for k in keys],
-        )
-        return [ExecutionState.from_json(json.loads(r["state"])) for r in rows]
-
     async def history(self, conn: asyncpg.Connection, execution_id: str) -> list[asyncpg.Record]:
         return list(
             await conn.fetch(
@@ -287,6 +315,12 @@ class PostgresStore:
             now,
         )
         return {r["message_id"] for r in rows}
+
+    async def record_outcomes(
+        self, conn: asyncpg.Connection, outcomes: Sequence[tuple[str, str]]
+    ) -> None:
+        """Say what became of inbox messages that no decision covers (message_id, outcome)."""
+        await batch_writes.write_outcomes(conn, list(outcomes))
 
     # -- timers --------------------------------------------------------------------
     async def due_timer_executions(

@@ -39,7 +39,9 @@ from sagaflow.core.ports import (
     DeadLetter,
     MessageLockLostError,
     OutgoingMessage,
+    ReceivedDeadLetter,
     ReceivedMessage,
+    dead_letter_queue,
     utc_now,
 )
 
@@ -405,6 +407,29 @@ class ServiceBusBus:
     async def dead_letters(self, queue: str) -> list[DeadLetter]:
         self._check_open()
         return await self._client.peek_dead_letters(queue)
+
+    async def receive_dead_letters(
+        self, queue: str, *, max_messages: int = 100
+    ) -> list[ReceivedDeadLetter]:
+        """Peek-lock up to `max_messages` of `queue`'s dead letters; `complete` removes
+        them (the receiver is held like a session until all are settled)."""
+        self._check_open()
+        held = self._register(dead_letter_queue(queue), await self._client.open_dead_letters(queue))
+        letters = []
+        for message in await self._take(held, max_messages):
+            delivery = cast("_Handle", message.handle).delivery
+            letter = DeadLetter(
+                queue,
+                message.message_id,
+                message.session_id,
+                message.body,
+                delivery.dead_letter_reason,
+                delivery.dead_letter_description,
+                message.delivery_count,
+                message.enqueued_at,
+            )
+            letters.append(ReceivedDeadLetter(letter, message))
+        return letters
 
     async def close(self) -> None:
         """Release every held session without settling anything (their unsettled

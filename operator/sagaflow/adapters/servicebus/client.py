@@ -71,6 +71,9 @@ class Delivery:
     lock_token: str
     # The SDK message, which settlement needs; only the client that made it reads it.
     raw: Any = field(default=None, compare=False, repr=False)
+    # Received from a dead-letter sub-queue: why it was put there.
+    dead_letter_reason: str = ""
+    dead_letter_description: str = ""
 
 
 class ServiceBusAdapterError(Exception):
@@ -127,6 +130,11 @@ class SessionClient(Protocol):
         ...
 
     async def peek_dead_letters(self, queue: str) -> list[DeadLetter]: ...
+
+    async def open_dead_letters(self, queue: str) -> SessionReceiver:
+        """A peek-lock receiver on `queue`'s dead-letter sub-queue (no session: its
+        `session_id` is empty and its lock is the earliest of its messages')."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -223,6 +231,8 @@ def delivery_from_sdk(message: ServiceBusReceivedMessage) -> Delivery:
         enqueued_at=message.enqueued_time_utc or utc_now(),
         lock_token=str(message.lock_token),
         raw=message,
+        dead_letter_reason=message.dead_letter_reason or "",
+        dead_letter_description=message.dead_letter_error_description or "",
     )
 
 
@@ -367,6 +377,18 @@ class AzureSessionClient:
         finally:
             await self._discard(receiver)
 
+    async def open_dead_letters(self, queue: str) -> SessionReceiver:
+        receiver = self._sdk.get_queue_receiver(
+            queue, sub_queue=ServiceBusSubQueue.DEAD_LETTER, prefetch_count=0
+        )
+        self._receivers.add(receiver)
+        try:
+            await self._call(f"opening the dead letters of {queue!r}", receiver.__aenter__)
+        except BaseException:
+            await self._discard(receiver)
+            raise
+        return _AzureDeadLetters(self._call, receiver, self._discard)
+
     async def _discard(self, receiver: ServiceBusReceiver) -> None:
         self._receivers.discard(receiver)
         try:
@@ -400,7 +422,10 @@ class _AzureSession:
         self._receiver = receiver
         self._discard = discard
         self._closed = False
-        self._id = str(receiver.session.session_id)
+        self._id = self._session_id()
+
+    def _session_id(self) -> str:
+        return str(self._receiver.session.session_id)
 
     @property
     def session_id(self) -> str:
@@ -449,3 +474,27 @@ class _AzureSession:
         if not self._closed:
             self._closed = True
             await self._discard(self._receiver)
+
+
+class _AzureDeadLetters(_AzureSession):
+    """A receiver on a dead-letter sub-queue: no session; each message has its own lock,
+    and the earliest of them stands for the receiver's."""
+
+    _locked_until = _UNKNOWN_LOCK_EXPIRY
+
+    def _session_id(self) -> str:
+        return ""
+
+    @property
+    def locked_until(self) -> datetime:
+        return self._locked_until
+
+    async def receive(self, max_messages: int, max_wait: float) -> list[Delivery]:
+        got = await super().receive(max_messages, max_wait)
+        locks = [d.raw.locked_until_utc for d in got if d.raw.locked_until_utc is not None]
+        if locks:
+            self._locked_until = min(locks)
+        return got
+
+    async def renew_lock(self) -> datetime:
+        raise MessageLockLostError("dead letters are settled at once, not renewed")
