@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     # Postgres bus: how often a message's receiver may die while running it alone before
     # the message is dead-lettered as ReceiverCrashed (a crash loop, not bad luck).
     max_crash_count: int = Field(default=3, ge=1, le=100)
+    # How long a runner runs such a suspect with nothing beside it (and waits for the
+    # others to finish first): a crash that is the command's doing comes early.
+    suspect_alone_seconds: float = Field(default=5.0, gt=0, le=3600)
     runner_concurrency: int = Field(default=64, ge=1, le=10_000)
     # `sagaflow run`: executions kept going at once; the others start as these finish.
     # Bounds the orchestrator's working set (memory, hot rows) whatever the files hold.

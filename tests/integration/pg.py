@@ -7,7 +7,9 @@ them; `tests/integration/conftest.py` turns them into fixtures.
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -18,7 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from sagaflow.adapters.postgres.embedded import EmbeddedPostgres
+from sagaflow.adapters.postgres.embedded import EmbeddedPostgres, pg_bin_dir, postmaster_pid
 from sagaflow.adapters.postgres.migrate import migrate
 
 
@@ -106,3 +108,34 @@ async def fresh_database(server_dsn: str, *, migrated: bool = True) -> AsyncIter
         yield dsn
     finally:
         await drop_database(server_dsn, dsn)
+
+
+def pg_ctl(pgdata: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run the bundled pg_ctl on a server's data directory, as the user postgres runs as
+    (the tests' way to restart, stop and start a server under a running program). A
+    server it starts logs to `pgdata/log`: it must not inherit pg_ctl's pipes."""
+    return subprocess.run(
+        [str(pg_bin_dir() / "pg_ctl"), *args, "-D", str(pgdata), "-w", "-l", str(pgdata / "log")],
+        user="pgserver" if os.geteuid() == 0 else None,
+        check=check,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@contextmanager
+def private_server() -> Iterator[EmbeddedPostgres]:
+    """A server of the test's own, which the test may restart or stop (the session's
+    server is shared by every test)."""
+    with server_dir("sagaflow-pg-own-") as path:
+        server = EmbeddedPostgres(path, runtime_dir=RUNTIME_DIR)
+        server.start()
+        try:
+            yield server
+        finally:
+            if postmaster_pid(server.pgdata) is not None:
+                try:
+                    server.stop()
+                except Exception:
+                    pg_ctl(server.pgdata, "stop", "-m", "immediate", check=False)

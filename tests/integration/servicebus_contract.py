@@ -18,6 +18,7 @@ a test module, so the contract suite can run the adapter over it too, with no ne
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
 from collections import defaultdict
@@ -102,7 +103,8 @@ class FakeServiceBus:
         self.clients: list[FakeClient] = []
         self._messages: list[_Message] = []
         self._dead: dict[str, list[DeadLetter]] = defaultdict(list)
-        self.locked_dead: list[DeadLetter] = []  # dead letters a receiver holds
+        # id of a dead letter a receiver holds -> (lock token, locked until)
+        self.locked_dead: dict[int, tuple[str, datetime]] = {}
         self._seen: dict[str, set[str]] = defaultdict(set)
         self._owners: dict[tuple[str, str], FakeSession] = {}
         self._faults: dict[str, list[BaseException | None]] = defaultdict(list)
@@ -344,16 +346,17 @@ class FakeDeadLetters:
 
     async def receive(self, max_messages: int, max_wait: float) -> list[Delivery]:
         self.namespace.fault("receive")
-        taken = {id(d) for d in self.namespace.locked_dead}
+        now = self.namespace.clock()
         got = []
         for letter in self.namespace.dead_letters(self.queue):
             if len(got) == max_messages:
                 break
-            if id(letter) in taken:
+            lock = self.namespace.locked_dead.get(id(letter))
+            if lock is not None and lock[1] > now:
                 continue
             token = str(uuid.uuid4())
             self._held[token] = letter
-            self.namespace.locked_dead.append(letter)
+            self.namespace.locked_dead[id(letter)] = (token, now + self.namespace.lock_duration)
             got.append(
                 Delivery(
                     letter.message_id,
@@ -371,9 +374,12 @@ class FakeDeadLetters:
 
     def _release(self, token: str) -> DeadLetter:
         letter = self._held.pop(token, None)
-        if letter is None or self.closed:
+        lock = None if letter is None else self.namespace.locked_dead.get(id(letter))
+        if letter is None or lock is None or lock[0] != token or self.closed:
             raise MessageLockLostError(f"lock {token} is not held")
-        self.namespace.locked_dead.remove(letter)
+        del self.namespace.locked_dead[id(letter)]
+        if lock[1] <= self.namespace.clock():
+            raise MessageLockLostError(f"lock {token} expired")
         return letter
 
     async def complete(self, delivery: Delivery) -> None:
@@ -391,5 +397,6 @@ class FakeDeadLetters:
 
     async def close(self) -> None:
         for token in list(self._held):
-            self._release(token)
+            with contextlib.suppress(MessageLockLostError):
+                self._release(token)
         self.closed = True

@@ -384,6 +384,39 @@ async def test_dead_lettering_after_the_lock_was_lost_raises(harness: Harness, b
     assert await bus.dead_letters(QUEUE) == []
 
 
+async def test_dead_letters_are_received_once_for_handling(harness: Harness, bus: Bus) -> None:
+    await bus.send([msg("s", "m1"), msg("t", "m2")])
+    for got in await bus.receive(QUEUE, max_wait=harness.quick):
+        await bus.dead_letter(got, reason="Poison", description=f"cannot handle {got.message_id}")
+    letters = await bus.receive_dead_letters(QUEUE, max_messages=10)
+    assert [(d.letter.message_id, d.letter.reason, d.letter.description) for d in letters] == [
+        ("m1", "Poison", "cannot handle m1"),
+        ("m2", "Poison", "cannot handle m2"),
+    ]
+    assert [d.message.body for d in letters] == [b"m1", b"m2"]
+    # Locked for whoever took them, and gone from handling once completed.
+    assert await harness.new_bus().receive_dead_letters(QUEUE) == []
+    await bus.complete([d.message for d in letters])
+    await harness.advance(LOCK_DURATION + 1)
+    assert await harness.new_bus().receive_dead_letters(QUEUE) == []
+
+
+async def test_an_unsettled_dead_letter_is_handed_out_again_after_its_lock(
+    harness: Harness, bus: Bus
+) -> None:
+    await bus.send([msg("s", "m")])
+    [got] = await bus.receive(QUEUE, max_wait=harness.quick)
+    await bus.dead_letter(got, reason="Poison", description="d")
+    [first] = await bus.receive_dead_letters(QUEUE)
+    await harness.advance(LOCK_DURATION + 1)
+    other = harness.new_bus()
+    [again] = await other.receive_dead_letters(QUEUE)
+    assert again.letter.message_id == "m"
+    with pytest.raises(MessageLockLostError):
+        await bus.complete([first.message])
+    await other.complete([again.message])
+
+
 # -- waiting -------------------------------------------------------------------------
 
 

@@ -150,3 +150,26 @@ async def test_closing_leaves_cleanly_and_hands_back_what_was_held(
     await bus.close()
     [again] = await buses().receive(Q, max_wait=0)
     assert (again.delivery_count, again.crash_count) == (2, 0)  # not a crash
+
+
+async def test_a_receive_whose_answer_was_lost_hands_its_messages_back_at_once(
+    buses: Callable[..., PostgresBus], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bus = buses()
+    await bus.send([msg("s", "m")])
+    fetch = asyncpg.connection.Connection.fetch
+    lost: list[str] = []
+
+    async def answer_lost(self: asyncpg.Connection, query: str, *args: object) -> object:
+        rows = await fetch(self, query, *args)
+        if "bus_receive" in query and not lost:
+            lost.append(query)  # the server locked the message; the answer never came
+            raise asyncpg.ConnectionDoesNotExistError("connection was closed")
+        return rows
+
+    monkeypatch.setattr(asyncpg.connection.Connection, "fetch", answer_lost)
+    with pytest.raises(asyncpg.ConnectionDoesNotExistError):
+        await bus.receive(Q, max_wait=0)
+    # Not after the 30 s lock: at once, and as if it had not been delivered.
+    [again] = await bus.receive(Q, max_wait=0)
+    assert (again.message_id, again.delivery_count) == ("m", 1)

@@ -60,7 +60,9 @@ async def _connect(dsn: str, pool_size: int) -> asyncpg.Pool:
     delay, waiting = 0.1, False
     while True:
         try:
-            return await asyncpg.create_pool(dsn, min_size=2, max_size=pool_size)
+            # min_size=0: connections are made when needed. A pool with a floor tries to
+            # restore it on its own during an outage, logging a traceback every time.
+            return await asyncpg.create_pool(dsn, min_size=0, max_size=pool_size)
         except Exception as exc:
             if not database_unavailable(exc):
                 raise

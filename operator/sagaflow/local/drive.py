@@ -117,6 +117,7 @@ async def drive(
             outages=orchestrator.outages,
             grace_period=settings.grace_period_seconds,
             loop_block_seconds=settings.loop_block_seconds,
+            suspect_alone_seconds=settings.suspect_alone_seconds,
         )
         tasks.append(asyncio.create_task(worker.run(worker_stop), name="runner"))
     view = RunView(dsn)

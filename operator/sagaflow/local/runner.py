@@ -79,6 +79,7 @@ async def _serve(
                 outages=outages,
                 grace_period=settings.grace_period_seconds,
                 loop_block_seconds=settings.loop_block_seconds,
+                suspect_alone_seconds=settings.suspect_alone_seconds,
             )
             hurry = asyncio.create_task(hurry_on(interrupts, worker))
             try:

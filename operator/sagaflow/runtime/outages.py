@@ -59,9 +59,12 @@ class OutageWatch:
 
     def failed(self, exc: BaseException) -> bool:
         """Report a failure; True when it is an outage (the caller then awaits
-        `available()` and tries again), False when it is the caller's own error."""
+        `available()` and tries again), False when it is the caller's own error.
+
+        While an outage is on, any failure counts as part of it: a connection broken
+        mid-operation fails in odd ways (asyncpg: "another operation is in progress")."""
         if not self._is_outage(exc):
-            return False
+            return self.down
         if self._up.is_set():
             self._up.clear()
             self._since = self._clock()
@@ -69,7 +72,7 @@ class OutageWatch:
                 self.outages += 1
                 self._announced = True
                 log.warning(
-                    "%s unavailable (%s); waiting for it, retrying every %.1fs at most",
+                    "%s is unavailable (%s); waiting for it, retrying every %.1fs at most",
                     self._what,
                     describe(exc),
                     self._max_backoff,
@@ -103,7 +106,7 @@ class OutageWatch:
         now = self._clock()
         if self._announced:
             self._announced = False
-            log.warning("%s available again after %.1fs", self._what, now - self._since)
+            log.warning("%s is available again after %.1fs", self._what, now - self._since)
         self._ended = now
         self._up.set()
 

@@ -41,7 +41,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -69,6 +68,7 @@ from sagaflow.runtime.claimcheck import ClaimCheck
 from sagaflow.runtime.handlers import MAX_ERROR_MESSAGE, as_async, claim_checked
 from sagaflow.runtime.isolation import Gate
 from sagaflow.runtime.outages import OutageWatch
+from sagaflow.runtime.threads import DaemonThreads
 from sagaflow.runtime.watchdog import LoopWatchdog
 from sagaflow_runner import AsyncHandler, Registry, StepContext, StepError
 
@@ -102,6 +102,7 @@ class RunnerWorker:
         check_attempts: AttemptCheck | None = None,
         outages: OutageWatch | None = None,
         loop_block_seconds: float = 1.0,
+        suspect_alone_seconds: float = 5.0,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {concurrency}")
@@ -128,9 +129,9 @@ class RunnerWorker:
         self._to_abandon: list[ReceivedMessage] = []
         self._claim_check = claim_check
         self._check_attempts = check_attempts
-        self._gate = Gate()
+        self._gate = Gate(suspect_alone_seconds)
         self._hurry = asyncio.Event()
-        self._threads = ThreadPoolExecutor(concurrency, thread_name_prefix="sagaflow-step")
+        self._threads = DaemonThreads(concurrency, "sagaflow-step")
         self._loop_block_seconds = loop_block_seconds
 
     async def run(self, stop: asyncio.Event) -> None:

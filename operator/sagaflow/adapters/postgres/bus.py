@@ -36,6 +36,7 @@ from typing import Any
 
 import asyncpg
 
+from sagaflow.adapters.postgres import bus_sql as sql
 from sagaflow.adapters.postgres.receivers import ReceiverLease
 from sagaflow.core.ports import (
     DEAD_LETTER_SUFFIX,
@@ -58,152 +59,9 @@ DEAD_LETTERS_CHANNEL = "sagaflow_dead_letters"
 # contention is extreme.
 _RECEIVE_ATTEMPTS = 8
 
-_SEND = """
-WITH ins AS (
-    INSERT INTO bus_messages (queue, message_id, session_id, body, enqueued_at, visible_at)
-    SELECT t.queue, t.message_id, t.session_id, t.body, $6, t.visible_at
-    FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::timestamptz[])
-         WITH ORDINALITY AS t(queue, message_id, session_id, body, visible_at, ord)
-    ORDER BY t.ord
-    ON CONFLICT (queue, message_id) DO NOTHING
-    RETURNING queue
-)
-SELECT pg_notify('sagaflow_bus', d.queue) FROM (SELECT DISTINCT queue FROM ins) AS d
-"""
-
-# $1 queue, $2 now, $3 max messages, $4 locked until, $5 max delivery count, $6 the
-# receive's lock token, $7 this receiver, $8 max crashes. The statement is
-# `bus_receive` in the migrations (0001, 0004), which say what it does and why it is a
-# function. Rows: 'm' a message; one 'w' with the size of the window and the sessions
-# won (those that got no message are to be released).
-_RECEIVE = "SELECT * FROM bus_receive($1, $2, $3, $4, $5, $6, $7, $8)"
-
-# Lock order, to stay free of deadlocks: every statement locks session rows first,
-# in (queue, session_id) order, then messages. A receive (`bus_receive`) inserts its
-# sessions sorted (ON CONFLICT locks even the rows it fails to take) and reads them
-# all back before it touches a message; settling locks its sessions with a sorted
-# FOR UPDATE and touches messages only after that (`_AFTER_LOCKING` is a one-time
-# gate evaluated before the first message row).
-_AFTER_LOCKING = "(SELECT count(*) FROM locked) >= 0"
-
-# $1 queue, $2 now: when may a waiting receiver find something without a notification?
-_NEXT_DUE = """
-SELECT least(
-    (SELECT min(visible_at) FROM bus_messages WHERE queue = $1 AND visible_at > $2),
-    (SELECT min(locked_until) FROM bus_sessions WHERE queue = $1 AND locked_until > $2))
-"""
-
-# Settling: $1-$4 are the messages' queues, seqs, lock tokens and session ids.
-_LOCK_SESSIONS = """
-WITH held AS (
-    SELECT * FROM unnest($1::text[], $2::bigint[], $3::uuid[], $4::text[])
-        AS t(queue, seq, token, session_id)
-), locked AS MATERIALIZED (
-    SELECT s.queue, s.session_id, s.lock_token FROM bus_sessions s
-    WHERE (s.queue, s.session_id, s.lock_token) IN (SELECT queue, session_id, token FROM held)
-    ORDER BY s.queue, s.session_id
-    FOR UPDATE
-)"""
-
-# After a `settled` CTE: release the locked sessions of which the holder keeps no
-# message (the snapshot still shows the settled rows, hence the seq filter), and wake
-# the queue's waiters when a released session has messages waiting.
-_RELEASE_AND_WAKE = """
-, released AS (
-    DELETE FROM bus_sessions s USING locked d
-    WHERE s.queue = d.queue AND s.session_id = d.session_id
-      AND NOT EXISTS (
-          SELECT 1 FROM bus_messages h
-          WHERE h.queue = d.queue AND h.session_id = d.session_id
-            AND h.lock_token = d.lock_token AND h.seq <> ALL($2::bigint[]))
-    RETURNING s.queue, s.session_id
-), woken AS (
-    SELECT pg_notify('sagaflow_bus', d.queue)
-    FROM (SELECT DISTINCT r.queue FROM released r
-          WHERE EXISTS (SELECT 1 FROM bus_messages p
-                        WHERE p.queue = r.queue AND p.session_id = r.session_id
-                          AND {pending})) AS d
-)
-SELECT (SELECT count(*) FROM settled), (SELECT count(*) FROM woken)
-"""
-
-_HELD_MATCH = f"""{_AFTER_LOCKING}
-      AND m.queue = t.queue AND m.seq = t.seq AND m.lock_token = t.token"""
-_OTHERS_PENDING = "p.seq <> ALL($2::bigint[])"
-
-# $5 now: an expired lock is lost even if nobody has taken the message yet.
-_COMPLETE = f"""{_LOCK_SESSIONS}, settled AS (
-    DELETE FROM bus_messages m USING held t
-    WHERE {_HELD_MATCH} AND m.locked_until > $5
-    RETURNING m.queue, m.session_id
-)""" + _RELEASE_AND_WAKE.format(pending=_OTHERS_PENDING)
-
-# $5 now, $6 reason, $7 description.
-_DEAD_LETTER = f"""{_LOCK_SESSIONS}, settled AS (
-    DELETE FROM bus_messages m USING held t
-    WHERE {_HELD_MATCH} AND m.locked_until > $5
-    RETURNING m.*
-), buried AS (
-    INSERT INTO bus_dead_letters (queue, message_id, session_id, body, reason, description,
-                                  delivery_count, enqueued_at, dead_lettered_at, crash_count)
-    SELECT queue, message_id, session_id, body, $6, $7, delivery_count, enqueued_at, $5,
-           crash_count
-    FROM settled
-    -- Notifications repeated in one transaction are delivered once.
-    RETURNING pg_notify('sagaflow_dead_letters', queue)
-)""" + _RELEASE_AND_WAKE.format(pending=_OTHERS_PENDING)
-
-# Abandoning does not check expiry: the message is meant to be redelivered anyway,
-# and a lock taken over by another receiver no longer matches the token. The
-# abandoned messages themselves are pending, so a release always wakes.
-_ABANDON = f"""{_LOCK_SESSIONS}, settled AS (
-    UPDATE bus_messages m SET lock_token = NULL, locked_until = NULL
-    FROM held t
-    WHERE {_HELD_MATCH}
-    RETURNING m.queue, m.session_id
-)""" + _RELEASE_AND_WAKE.format(pending="true")
-
-# $5 now, $6 new locked_until. The main query reads `renewed` only, so `relocked`
-# runs after it, when all the sessions are locked.
-_RENEW = f"""{_LOCK_SESSIONS}, renewed AS (
-    UPDATE bus_sessions s SET locked_until = $6
-    FROM locked d
-    WHERE s.queue = d.queue AND s.session_id = d.session_id AND s.locked_until > $5
-    RETURNING s.queue, s.session_id, s.lock_token
-), relocked AS (
-    UPDATE bus_messages m SET locked_until = $6
-    FROM renewed r
-    WHERE m.queue = r.queue AND m.session_id = r.session_id AND m.lock_token = r.lock_token
-)
-SELECT (SELECT count(*) FROM renewed),
-       (SELECT count(*) FROM (SELECT DISTINCT queue, session_id FROM held) AS d)
-"""
-
-_DEAD_LETTERS = """SELECT queue, message_id, session_id, body, reason, description,
-    delivery_count, dead_lettered_at FROM bus_dead_letters WHERE queue = $1 ORDER BY seq"""
-
-
-# Dead letters waiting to be handled: $1 queue, $2 now, $3 token, $4 locked until, $5 max.
-_RECEIVE_DEAD = """
-UPDATE bus_dead_letters d SET lock_token = $3, locked_until = $4
-WHERE d.seq IN (SELECT x.seq FROM bus_dead_letters x
-                WHERE x.queue = $1 AND x.handled_at IS NULL
-                  AND (x.locked_until IS NULL OR x.locked_until <= $2)
-                ORDER BY x.seq LIMIT $5 FOR UPDATE SKIP LOCKED)
-RETURNING seq, queue, message_id, session_id, body, reason, description, delivery_count,
-          enqueued_at, dead_lettered_at, crash_count
-"""
-# $1 seqs, $2 tokens, $3 now: handled, kept for inspection.
-_COMPLETE_DEAD = """
-UPDATE bus_dead_letters d SET handled_at = $3, lock_token = NULL, locked_until = NULL
-FROM unnest($1::bigint[], $2::uuid[]) AS t(seq, token)
-WHERE d.seq = t.seq AND d.lock_token = t.token AND d.locked_until > $3
-  AND d.handled_at IS NULL
-"""
-
 
 def _held(messages: Sequence[ReceivedMessage]) -> list[list[Any]]:
-    """[queues, seqs, tokens, session ids] of distinct messages, for `_LOCK_SESSIONS`."""
+    """[queues, seqs, tokens, session ids] of distinct messages, for `sql.LOCK_SESSIONS`."""
     held = {int(m.handle): (m.queue, int(m.handle), m.lock_token, m.session_id) for m in messages}
     return _columns(held.values())
 
@@ -250,6 +108,7 @@ class PostgresBus:
         self._lost_listener: Any = None
         self._listener_lock = asyncio.Lock()
         self._closed = False
+        self._orphans: set[uuid.UUID] = set()  # tokens of receives that never returned
 
     # -- sending ------------------------------------------------------------------
 
@@ -262,7 +121,7 @@ class PostgresBus:
         """Send within `conn`'s transaction: visible (and notified) when it commits."""
         if messages:
             rows = [(m.queue, m.message_id, m.session_id, m.body, m.scheduled_at) for m in messages]
-            await conn.execute(_SEND, *_columns(rows), self._clock())
+            await conn.execute(sql.SEND, *_columns(rows), self._clock())
 
     # -- receiving ----------------------------------------------------------------
 
@@ -292,17 +151,25 @@ class PostgresBus:
             # the session too, and sessions are locked by one receive at a time.
             token = uuid.uuid4()
             async with self._pool.acquire() as conn:
-                rows = await conn.fetch(
-                    _RECEIVE,
-                    queue,
-                    now,
-                    max_messages,
-                    until,
-                    self._max_delivery_count,
-                    token,
-                    self._lease.id,
-                    self._max_crash_count,
-                )
+                if self._orphans:
+                    await self._release_orphans(conn)
+                try:
+                    rows = await conn.fetch(
+                        sql.RECEIVE,
+                        queue,
+                        now,
+                        max_messages,
+                        until,
+                        self._max_delivery_count,
+                        token,
+                        self._lease.id,
+                        self._max_crash_count,
+                    )
+                except BaseException:
+                    # The connection died or the receive was cancelled: the server may
+                    # have locked messages under a token nobody here will settle.
+                    self._orphans.add(token)
+                    raise
                 messages = [
                     _received(queue, row, until, str(token)) for row in rows if row["kind"] == "m"
                 ]
@@ -312,15 +179,22 @@ class PostgresBus:
                     # Won sessions whose messages went meanwhile (or to the dead letters):
                     # abandon no message (seq 0 is never used) to release them.
                     sessions = [(queue, 0, token, session) for session in sorted(idle)]
-                    await conn.fetchrow(_ABANDON, *_columns(sessions))
+                    await conn.fetchrow(sql.ABANDON, *_columns(sessions))
             if messages or summary["seq"] == 0:
                 return sorted(messages, key=lambda m: int(m.handle))
         return []
 
+    async def _release_orphans(self, conn: Any) -> None:
+        """Hand back what receives that never returned may have locked, at once and as
+        if never delivered, rather than after the lock duration."""
+        tokens = list(self._orphans)
+        await conn.execute(sql.RELEASE_TOKENS, tokens)
+        self._orphans.difference_update(tokens)
+
     async def _sleep(self, queue: str, wake: asyncio.Event, remaining: float) -> None:
         async with self._pool.acquire() as conn:
             now = self._clock()
-            due: datetime | None = await conn.fetchval(_NEXT_DUE, queue, now)
+            due: datetime | None = await conn.fetchval(sql.NEXT_DUE, queue, now)
         timeout = remaining if due is None else min(remaining, (due - now).total_seconds())
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(wake.wait(), max(timeout, 0.0))
@@ -343,13 +217,13 @@ class PostgresBus:
         if letters:
             wanted = {int(m.handle): uuid.UUID(m.lock_token) for m in letters}
             done = await conn.execute(
-                _COMPLETE_DEAD, list(wanted), list(wanted.values()), self._clock()
+                sql.COMPLETE_DEAD, list(wanted), list(wanted.values()), self._clock()
             )
             if done != f"UPDATE {len(wanted)}":
                 raise MessageLockLostError("a dead letter is no longer locked by this receiver")
         if messages:
             held = _held(messages)
-            settled, _ = await conn.fetchrow(_COMPLETE, *held, self._clock())
+            settled, _ = await conn.fetchrow(sql.COMPLETE, *held, self._clock())
             if settled != len(held[1]):
                 raise MessageLockLostError(
                     f"{len(held[1]) - settled} of {len(held[1])} messages are no longer "
@@ -369,12 +243,12 @@ class PostgresBus:
         """Release the locks for redelivery; a lock already lost is left as it is."""
         if messages:
             async with self._pool.acquire() as conn:
-                await conn.fetchrow(_ABANDON, *_held(messages))
+                await conn.fetchrow(sql.ABANDON, *_held(messages))
 
     async def dead_letter(self, message: ReceivedMessage, *, reason: str, description: str) -> None:
         async with self._pool.acquire() as conn:
             settled, _ = await conn.fetchrow(
-                _DEAD_LETTER, *_held([message]), self._clock(), reason, description
+                sql.DEAD_LETTER, *_held([message]), self._clock(), reason, description
             )
         if settled != 1:
             raise MessageLockLostError(f"message {message.message_id!r} is no longer locked")
@@ -386,14 +260,14 @@ class PostgresBus:
         now = self._clock()
         async with self._pool.acquire() as conn:
             renewed, wanted = await conn.fetchrow(
-                _RENEW, *_held(messages), now, now + self._lock_duration
+                sql.RENEW, *_held(messages), now, now + self._lock_duration
             )
         if renewed != wanted:
             raise MessageLockLostError(f"{wanted - renewed} session lock(s) already lost")
 
     async def dead_letters(self, queue: str) -> list[DeadLetter]:
         async with self._pool.acquire() as conn:
-            rows = await conn.fetch(_DEAD_LETTERS, queue)
+            rows = await conn.fetch(sql.DEAD_LETTERS, queue)
         return [DeadLetter(**dict(row)) for row in rows]
 
     async def receive_dead_letters(
@@ -403,7 +277,7 @@ class PostgresBus:
         until = now + self._lock_duration
         token = uuid.uuid4()
         async with self._pool.acquire() as conn:
-            rows = await conn.fetch(_RECEIVE_DEAD, queue, now, token, until, max_messages)
+            rows = await conn.fetch(sql.RECEIVE_DEAD, queue, now, token, until, max_messages)
         return [
             ReceivedDeadLetter(
                 DeadLetter(
@@ -487,6 +361,10 @@ class PostgresBus:
         """Stop listening and wake waiting receivers, which then return nothing."""
         self._closed = True
         self._wake_all()
+        if self._orphans:
+            with contextlib.suppress(Exception):
+                async with self._pool.acquire() as conn:
+                    await self._release_orphans(conn)
         await self._lease.close()
         async with self._listener_lock:
             conn, self._listener = self._listener, None

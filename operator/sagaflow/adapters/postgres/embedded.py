@@ -147,6 +147,9 @@ class EmbeddedPostgres:
             _drop_dead_handles(self.pgdata)
             _wait_for_reaping(self.pgdata)
             _forget_released(pgserver, self.pgdata)
+            # pgserver creates the folder with "exists? then mkdir": made here first, that
+            # cannot fail with FileExistsError when two starts meet.
+            self.pgdata.mkdir(exist_ok=True)
         self._server = pgserver.get_server(self.pgdata, cleanup_mode="stop")
         self._dsn = str(self._server.get_uri())
         return self._dsn

@@ -28,6 +28,10 @@ def database_unavailable(exc: BaseException) -> bool:
         # asyncpg's own "connection is closed" / "connection was closed in the middle of
         # operation"; its other interface errors are misuse, not outages.
         return "closed" in str(exc)
+    if isinstance(exc, asyncpg.exceptions.InternalClientError):
+        # A pooled connection whose server died mid-operation, used before asyncpg noticed:
+        # its protocol is stuck in that operation ("another operation is in progress").
+        return "another operation" in str(exc)
     if isinstance(exc, ConnectionError | TimeoutError | socket.gaierror):
         return True
     # A unix-socket connect to a stopped server: the socket file is gone. Payload stores
