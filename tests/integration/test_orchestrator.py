@@ -8,7 +8,8 @@ message arrives when; nothing sleeps.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
@@ -93,14 +94,23 @@ def failed(cmd: Any, kind: str = "Boom", retryable: bool = True) -> StepResult:
     )
 
 
-@pytest.fixture
-async def h(pg_pool: asyncpg.Pool) -> Any:
+@asynccontextmanager
+async def harness_on(pool: asyncpg.Pool) -> AsyncIterator[Harness]:
+    """A harness on a fake clock with the `flow` workflow applied (for other modules too)."""
     clock = FakeClock()
-    bus = PostgresBus(pg_pool, clock=clock, lock_duration=30)
-    harness = Harness(pg_pool, bus, clock)
+    bus = PostgresBus(pool, clock=clock, lock_duration=30)
+    harness = Harness(pool, bus, clock)
     await harness.orchestrator.apply_workflow("default", "flow", SPEC)
-    yield harness
-    await bus.close()
+    try:
+        yield harness
+    finally:
+        await bus.close()
+
+
+@pytest.fixture
+async def h(pg_pool: asyncpg.Pool) -> AsyncIterator[Harness]:
+    async with harness_on(pg_pool) as harness:
+        yield harness
 
 
 async def test_workflow_versions_are_immutable_and_executions_pin_theirs(h: Harness) -> None:

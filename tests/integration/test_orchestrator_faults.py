@@ -5,12 +5,12 @@ such, starts come in batches."""
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
 import pytest
-from test_orchestrator import Harness, completed
-from test_orchestrator import h as harness_fixture  # noqa: F401 - the `h` fixture
+from test_orchestrator import Harness, completed, harness_on
 
 from sagaflow.core.messages import EVENTS_QUEUE, commands_queue
 from sagaflow.core.ports import OutgoingMessage
@@ -18,6 +18,12 @@ from sagaflow.runtime import orchestrator as orchestrator_module
 from sagaflow.runtime.orchestrator import StartRequest
 
 pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+async def h(pg_pool: asyncpg.Pool) -> AsyncIterator[Harness]:
+    async with harness_on(pg_pool) as harness:
+        yield harness
 
 
 def raw_event(execution_id: str, step: str, attempt: int, output_json: str) -> OutgoingMessage:
