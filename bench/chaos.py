@@ -12,7 +12,7 @@ of every handler call (`chaos_runner.py`):
 - calls, attempts called more than once (at-least-once redelivery), dead letters;
 - per outage: the lines the processes logged about it, and tracebacks.
 
-    python bench/chaos.py --executions 1000 --kills 12 --outage 60
+    python bench/chaos.py --executions 1000 --kills 12 --outage 60 --step-seconds 5
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import itertools
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -38,6 +39,10 @@ import asyncpg
 from sagaflow.adapters.postgres.embedded import EmbeddedPostgres, pg_bin_dir
 
 HERE = Path(__file__).resolve().parent
+_OUTAGE_LINE = re.compile(
+    r"(\d\d:\d\d:\d\d),\d+ WARNING sagaflow.outages: the database is "
+    r"(unavailable \(\w+|available again after [\d.]+s)"
+)
 
 WORKFLOW = """apiVersion: sagaflow.io/v1alpha1
 kind: Workflow
@@ -46,7 +51,9 @@ spec:
   retry: {maxAttempts: 3, initialInterval: 1s}
   steps:
     - {name: a, type: chaos.work, input: {n: "${{ input.n }}"}}
-    - {name: b, type: chaos.work, dependsOn: [a], input: {n: "${{ input.n }}"}}
+    # A long retry delay, so that some retry timers fall due while Postgres is down.
+    - {name: b, type: chaos.work, dependsOn: [a], input: {n: "${{ input.n }}"},
+       retry: {maxAttempts: 3, initialInterval: 20s}}
     - {name: c, type: chaos.work, dependsOn: [b], input: {n: "${{ input.n }}"}}
 """
 
@@ -123,7 +130,7 @@ async def figures(dsn: str, names: set[str], outage: tuple[float, float]) -> dic
     conn = await asyncpg.connect(dsn)
     try:
         rows = await conn.fetch(
-            "SELECT name, phase, state->'error' AS error FROM sagaflow_executions"
+            "SELECT name, phase, nullif(state->'error', 'null') AS error FROM sagaflow_executions"
         )
         twice = await conn.fetchval(
             "SELECT count(*) FROM (SELECT 1 FROM sagaflow_history WHERE kind = 'StepSucceeded' "
@@ -175,7 +182,7 @@ async def figures(dsn: str, names: set[str], outage: tuple[float, float]) -> dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--executions", type=int, default=1000)
-    parser.add_argument("--step-seconds", type=float, default=2.0)
+    parser.add_argument("--step-seconds", type=float, default=5.0)
     parser.add_argument("--kills", type=int, default=12, help="kill -9s, run and runner in turn")
     parser.add_argument("--kill-every", type=float, default=3.0)
     parser.add_argument("--outage", type=float, default=60.0)
@@ -207,11 +214,13 @@ def main() -> None:
             time.sleep(args.kill_every * rng.uniform(0.5, 1.5))
             cast.kill("run" if k % 2 == 0 else "runner")
         print(f"{args.kills} kill -9s done at {time.monotonic() - started:.1f}s", flush=True)
+        # Apart by more than the outage watch's settle window (5 s), so each restart is an
+        # outage of its own in the logs.
         for mode in ("fast", "immediate"):
-            time.sleep(3)
+            time.sleep(8)
             pg_ctl(pgdata, "restart", "-m", mode)
             print(f"postgres restarted ({mode}) at {time.monotonic() - started:.1f}s", flush=True)
-        time.sleep(3)
+        time.sleep(8)
         pg_ctl(pgdata, "stop", "-m", "fast")
         down = time.time()
         at = time.monotonic() - started
@@ -227,7 +236,8 @@ def main() -> None:
         runner_code = cast.runner.wait(timeout=120)
         lines = [line.split() for line in (root / "calls.log").read_text().splitlines()]
         calls = Counter(attempt for event, attempt, _, _ in lines if event == "start")
-        text = "\n".join(log.read_text(errors="replace") for log in cast.logs)
+        texts = {log.name: log.read_text(errors="replace") for log in cast.logs}
+        text = "\n".join(texts.values())
         with EmbeddedPostgres(root / "s" / "postgres") as server:
             f = asyncio.run(figures(server.dsn, names, (down, up)))
         print(f"executions={args.executions} steps=3 step-seconds={args.step_seconds:g}")
@@ -250,6 +260,10 @@ def main() -> None:
             f"'available again' {text.count('is available again')} times, "
             f"tracebacks {text.count('Traceback')}, over {len(cast.logs)} process starts"
         )
+        for name, log_text in texts.items():  # the processes that lived through the outages
+            said = _OUTAGE_LINE.findall(log_text)
+            if said:
+                print(f"    {name}: " + "; ".join(f"{at} {what}" for at, what in said))
 
 
 if __name__ == "__main__":

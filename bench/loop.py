@@ -36,9 +36,9 @@ from sagaflow.adapters.postgres.store import PostgresStore
 from sagaflow.core.manifests import WorkflowSpec
 from sagaflow.core.messages import StepResult
 from sagaflow.core.ports import ReceivedMessage
-from sagaflow.local.payloads import make_claim_check
 from sagaflow.runtime.orchestrator import Orchestrator
 from sagaflow.settings import Settings
+from sagaflow.wiring.payloads import make_claim_check
 
 HERE = Path(__file__).resolve().parent
 

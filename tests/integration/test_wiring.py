@@ -8,9 +8,9 @@ import pytest
 from sagaflow.adapters.postgres.bus import PostgresBus
 from sagaflow.adapters.postgres.store import PostgresStore
 from sagaflow.adapters.servicebus.bus import ServiceBusBus
-from sagaflow.local.buses import make_bus
 from sagaflow.runtime.orchestrator import Orchestrator
 from sagaflow.settings import Settings, SettingsError, load_settings
+from sagaflow.wiring.buses import make_bus
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -188,7 +188,8 @@ async def test_a_suspect_runs_with_nothing_else_running() -> None:
         log.append(f"end {ctx.execution_id}")
 
     registry.register("inventory.reserve", work)
-    bus.crash_counts["suspect/reserve/1"] = 1
+    bus.crash_counts["suspect/reserve/1"] = 2  # held at two deaths
+    bus.crash_counts["unlucky/reserve/1"] = 1  # one death: not a suspect
     await enqueue(bus, command(execution_id="healthy-1"))
     async with running(RunnerWorker(bus, registry)):
         await first_running.wait()
@@ -197,8 +198,11 @@ async def test_a_suspect_runs_with_nothing_else_running() -> None:
         await enqueue(bus, command(execution_id="healthy-2"))
         go.set()
         await bus.wait_until(settled(bus, 3))
+        await enqueue(bus, command(execution_id="unlucky"), command(execution_id="healthy-3"))
+        await bus.wait_until(settled(bus, 5))
     at = log.index("start suspect")
     assert log[at - 1] == "end healthy-1" and log[at + 1] == "end suspect", log
+    assert log[-4:-2] == ["start unlucky", "start healthy-3"], log  # side by side
 
 
 async def test_commands_the_state_does_not_know_or_has_settled_are_not_run() -> None:

@@ -45,8 +45,9 @@ class ReceivedMessage:
     # Adapter-private handle (a row sequence for Postgres, the SDK message for Service Bus).
     handle: Any = None
     # Deliveries that ended with the receiving process's death, where the bus can tell
-    # (the Postgres bus; 0 elsewhere). Above 0 the message is a suspect: the runner
-    # host runs it with nothing else, so a crash it causes is pinned on it alone.
+    # (the Postgres bus; 0 elsewhere). From SUSPECT_AFTER_CRASHES on, the message is a
+    # suspect: the runner host runs it with nothing else, so a crash it causes is
+    # pinned on it alone.
     crash_count: int = 0
 
 
@@ -61,6 +62,12 @@ class DeadLetter:
     delivery_count: int
     dead_lettered_at: datetime
 
+
+# One death of a receiver holding a message is bad luck as often as not (a kill -9, an
+# OOM kill of a busy process): the message just goes again, beside others. Held at a
+# second death, it is a suspect (the Postgres bus's `bus_receive` and `bus_reap`
+# apply the same number).
+SUSPECT_AFTER_CRASHES = 2
 
 DEAD_LETTER_SUFFIX = "/$DeadLetterQueue"
 

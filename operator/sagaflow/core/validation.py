@@ -146,21 +146,15 @@ def _not_a_mapping(body: Any) -> str:
 
 
 def _parse_slowly(text: str, source: str) -> tuple[list[Document], list[ManifestError]]:
-    documents: list[Document] = []
-    errors: list[ManifestError] = []
-    index = 0
+    bodies: list[Any] = []
     try:
         for body in yaml.safe_load_all(text):
-            index += 1
-            if body is None:
-                continue
-            if isinstance(body, dict):
-                documents.append(Document(source, index, body))
-            else:
-                errors.append(ManifestError(source, index, None, None, "", _not_a_mapping(body)))
+            bodies.append(body)
     except yaml.YAMLError as error:
-        errors.append(ManifestError(source, index + 1, None, None, "", _yaml_reason(error)))
-    return documents, errors
+        documents, errors = _documents(bodies, source)
+        reason = _yaml_reason(error)
+        return documents, [*errors, ManifestError(source, len(bodies) + 1, None, None, "", reason)]
+    return _documents(bodies, source)
 
 
 def _yaml_reason(error: yaml.YAMLError) -> str:

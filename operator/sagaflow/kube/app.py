@@ -32,12 +32,12 @@ from sagaflow.kube.api import ClientKubeApi, KubeApi, load_client_config
 from sagaflow.kube.handlers import HandlerContext, build_registry
 from sagaflow.kube.health import HealthServer, loops_alive
 from sagaflow.kube.mirror import StatusMirror
-from sagaflow.local.buses import make_bus
-from sagaflow.local.database import open_database
-from sagaflow.local.inputs import InvalidInputError
-from sagaflow.local.payloads import make_claim_check
 from sagaflow.runtime.orchestrator import Orchestrator
 from sagaflow.settings import Settings
+from sagaflow.wiring.buses import make_bus
+from sagaflow.wiring.database import open_database
+from sagaflow.wiring.payloads import make_claim_check
+from sagaflow.wiring.problems import InvalidInputError
 
 # kopf's own bookkeeping goes to annotations under our group, not into `status`
 # (whose schema is ours) and not under kopf's default names.

@@ -23,9 +23,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TextIO, TypeVar
 
-import asyncpg
-
-from sagaflow.adapters.postgres import reads
 from sagaflow.adapters.postgres.notify import Notifications
 from sagaflow.adapters.postgres.reads import RunView
 from sagaflow.adapters.postgres.store import EXECUTIONS_CHANNEL
@@ -33,8 +30,9 @@ from sagaflow.core.ports import Bus
 from sagaflow.local.output import SHOWN_RUNNING, SMALL_RUN, Progress, Snapshot
 from sagaflow.runtime.claimcheck import ClaimCheck
 from sagaflow.runtime.orchestrator import Orchestrator, StartRequest
-from sagaflow.runtime.worker import AttemptCheck, RunnerWorker
+from sagaflow.runtime.worker import RunnerWorker
 from sagaflow.settings import Settings
+from sagaflow.wiring.checks import attempt_check
 from sagaflow_runner import Registry
 
 log = logging.getLogger("sagaflow.local")
@@ -258,13 +256,3 @@ async def hurry_on(interrupts: Interrupts, worker: RunnerWorker) -> None:
     """Cancel the worker's handlers when told to stop a second time."""
     await interrupts.now.wait()
     worker.hurry()
-
-
-def attempt_check(pool: asyncpg.Pool) -> AttemptCheck:
-    """The runner's check of received commands against the state in `pool`'s database."""
-
-    async def check(attempt_ids: Sequence[str]) -> dict[str, str]:
-        async with pool.acquire() as conn:
-            return await reads.attempt_statuses(conn, attempt_ids)
-
-    return check

@@ -16,12 +16,9 @@ from sagaflow.core.validation import (
     parse_documents,
     validate_documents,
 )
+from sagaflow.wiring.problems import InvalidInputError
 
-
-class InvalidInputError(Exception):
-    def __init__(self, problems: Sequence[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = list(problems)
+__all__ = ["InvalidInputError", "load_manifests"]
 
 
 def load_manifests(paths: Sequence[Path], is_known_type: Callable[[str], bool]) -> ValidationResult:

@@ -25,10 +25,10 @@ import asyncpg
 from sagaflow.adapters.postgres import retention
 from sagaflow.core.durations import parse_duration
 from sagaflow.core.ports import Clock, PayloadError, PayloadStore, utc_now
-from sagaflow.local.database import open_database
 from sagaflow.local.inputs import InvalidInputError
-from sagaflow.local.payloads import make_payload_store
 from sagaflow.settings import Settings
+from sagaflow.wiring.database import open_database
+from sagaflow.wiring.payloads import make_payload_store
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 BATCH = 500

@@ -26,14 +26,14 @@ from sagaflow.adapters.postgres import reads
 from sagaflow.adapters.postgres.store import PostgresStore
 from sagaflow.core.definition import BUILTIN_TYPES
 from sagaflow.core.state import ExecutionState
-from sagaflow.local.buses import make_bus
-from sagaflow.local.database import open_database
 from sagaflow.local.drive import Interrupts, drive
 from sagaflow.local.inputs import InvalidInputError, load_manifests
 from sagaflow.local.output import write_listing
-from sagaflow.local.payloads import make_claim_check
 from sagaflow.runtime.orchestrator import Orchestrator, StartRequest
 from sagaflow.settings import Settings
+from sagaflow.wiring.buses import make_bus
+from sagaflow.wiring.database import open_database
+from sagaflow.wiring.payloads import make_claim_check
 from sagaflow_runner import Registry, default_registry, load_module
 
 log = logging.getLogger("sagaflow.local")

@@ -16,16 +16,17 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from sagaflow.local.buses import make_bus
-from sagaflow.local.database import open_database
-from sagaflow.local.drive import Interrupts, attempt_check, hurry_on
+from sagaflow.local.drive import Interrupts, hurry_on
 from sagaflow.local.inputs import InvalidInputError
-from sagaflow.local.payloads import make_claim_check
 from sagaflow.local.run import EXIT_INVALID, load_runners
 from sagaflow.runtime.claimcheck import ClaimCheck
 from sagaflow.runtime.orchestrator import database_watch
 from sagaflow.runtime.worker import RunnerWorker
 from sagaflow.settings import Settings
+from sagaflow.wiring.buses import make_bus
+from sagaflow.wiring.checks import attempt_check
+from sagaflow.wiring.database import open_database
+from sagaflow.wiring.payloads import make_claim_check
 from sagaflow_runner import Registry
 
 

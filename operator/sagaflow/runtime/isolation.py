@@ -1,7 +1,7 @@
 """Running a suspect command with nothing else running beside it, for a while.
 
-A command whose previous receiver died while holding it (`crash_count` > 0, told by
-the Postgres bus) may be what killed that process. The host runs such a suspect
+A command whose receivers died twice while holding it (`crash_count` >= 2, told by
+the Postgres bus) may be what killed them. The host runs such a suspect
 alone: it stops taking new work, lets the running handlers finish (waiting at most
 `window` seconds for them), runs the suspect, and takes new work again once the
 suspect is done or has run for `window` seconds. If the process dies meanwhile, the

@@ -22,7 +22,7 @@ What a handler can do wrong fails its own step, never the host:
 - `sys.exit` and `os._exit` fail the step (`SystemExit`, `ProcessExit`, see `exits.py`);
 - blocking the event loop is reported with the step's name (`watchdog.py`); plain
   `def` handlers run in a thread pool (`handlers.py`);
-- a command whose last receiver died holding it runs alone (`isolation.py`).
+- a command whose receivers died holding it twice runs alone (`isolation.py`).
 
 Where the host can check (`check_attempts`: the Postgres bus's runners can read the
 state), a command whose attempt was never dispatched is dead-lettered unrun
@@ -55,6 +55,7 @@ from sagaflow.core.messages import (
     output_problem,
 )
 from sagaflow.core.ports import (
+    SUSPECT_AFTER_CRASHES,
     Bus,
     Clock,
     MessageLockLostError,
@@ -342,7 +343,7 @@ class RunnerWorker:
     async def _isolated(
         self, attempt: _Attempt, handler: AsyncHandler, deadline: datetime | None
     ) -> StepResult | None:
-        if attempt.message.crash_count == 0:
+        if attempt.message.crash_count < SUSPECT_AFTER_CRASHES:
             async with self._gate.shared():
                 return await self._run(attempt, handler, deadline)
         who = _who(attempt.cmd)

@@ -14,8 +14,8 @@ injected clock, passed as parameters, never from the database's now().
 
 Beyond Service Bus: a receiving bus holds a lease (`receivers.py`), so a receiver
 that died is told apart from one that is merely slow. What a dead receiver held is
-released at once and counts a crash, not a failed delivery; a message held by a
-receiver that died is a suspect and is received alone (`ReceivedMessage.crash_count`),
+released at once and counts a crash, not a failed delivery; a message held at two such
+deaths is a suspect and is received alone (`ReceivedMessage.crash_count`),
 and one whose receiver dies again while running it alone `max_crash_count` times is
 dead-lettered as `ReceiverCrashed`. Dead letters are received too
 (`receive_dead_letters`), by the orchestrator, which fails the step they belong to.
@@ -290,18 +290,7 @@ class PostgresBus:
                     delivery_count=row["delivery_count"],
                     dead_lettered_at=row["dead_lettered_at"],
                 ),
-                ReceivedMessage(
-                    queue=dead_letter_queue(queue),
-                    message_id=row["message_id"],
-                    session_id=row["session_id"],
-                    body=bytes(row["body"]),
-                    delivery_count=row["delivery_count"],
-                    enqueued_at=row["enqueued_at"],
-                    locked_until=until,
-                    lock_token=str(token),
-                    handle=row["seq"],
-                    crash_count=row["crash_count"],
-                ),
+                _received(dead_letter_queue(queue), row, until, str(token)),
             )
             for row in sorted(rows, key=lambda r: int(r["seq"]))
         ]

@@ -175,22 +175,7 @@ class PostgresStore:
         self, conn: asyncpg.Connection, state: ExecutionState, now: datetime
     ) -> bool:
         """Insert a new execution row; False when its id or its live name already exists."""
-        row = await conn.fetchval(
-            "INSERT INTO sagaflow_executions (execution_id, namespace, name, workflow, "
-            "workflow_version, phase, revision, state, created_at, updated_at) "
-            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9, $9) "
-            "ON CONFLICT DO NOTHING RETURNING execution_id",
-            state.execution_id,
-            state.namespace,
-            state.name,
-            state.workflow,
-            state.version,
-            state.phase.value,
-            state.revision,
-            json.dumps(state.to_json()),
-            now,
-        )
-        return row is not None
+        return state.execution_id in await self.insert_executions(conn, [state], now)
 
     async def insert_executions(
         self, conn: asyncpg.Connection, states: Sequence[ExecutionState], now: datetime

@@ -43,10 +43,12 @@ CREATE INDEX bus_dead_letters_unhandled ON bus_dead_letters (queue, seq)
 
 -- Receiving, as in 0001 (read its notes there), with three changes:
 -- * sessions record the receiving bus (p_receiver);
--- * a message held by a receiver that died (crash_count > 0) is a suspect and goes out
---   ALONE: when the window holds one, the receive returns only the first (with any
---   older message of its session). The runner host then runs it with nothing else
---   running, so a second death while it runs is on that message;
+-- * a message held by receivers that died twice (crash_count >= 2: one death may be
+--   bad luck, a kill -9 or an OOM of a busy process, and costs nothing but the
+--   redelivery) is a suspect and goes out ALONE: when the window holds one, the
+--   receive returns only the first (with any older message of its session). The runner
+--   host then runs it with nothing else running, so a death while it runs is on it
+--   (`SUSPECT_AFTER_CRASHES` in sagaflow.core.ports says the same);
 -- * the dead-letter rule: deliveries that did not end in a crash reach
 --   p_max_deliveries (MaxDeliveryCountExceeded), or deaths while running alone reach
 --   p_max_crashes (ReceiverCrashed).
@@ -78,7 +80,7 @@ BEGIN
         ORDER BY m.queue, m.seq
         LIMIT p_max
     ), suspect AS MATERIALIZED (
-        SELECT c.seq, c.session_id FROM cand AS c WHERE c.crash_count > 0
+        SELECT c.seq, c.session_id FROM cand AS c WHERE c.crash_count >= 2
         ORDER BY c.seq LIMIT 1
     ), win AS MATERIALIZED (
         SELECT x.seq, x.session_id FROM suspect AS x
@@ -163,8 +165,8 @@ $$;
 -- Reaping (PostgresBus heartbeat): the receivers named dead by a process on their host
 -- (p_dead), and, when p_expired, every receiver whose lease ran out. For each, in the
 -- bus's lock order (sessions, then messages): its messages lose their locks and count
--- a crash, a lone crash too when the message was a suspect already and the only
--- session held (see bus_receive); its sessions and its row go. SKIP LOCKED: two
+-- a crash, a lone crash too when the message was a suspect already (two crashes) and
+-- the only session held (see bus_receive); its sessions and its row go. SKIP LOCKED: two
 -- reapers never count one death twice. Rows: each receiver reaped and what it held.
 CREATE FUNCTION bus_reap(p_dead uuid[], p_expired boolean)
 RETURNS TABLE (receiver uuid, hostname text, pid integer, sessions integer,
@@ -192,7 +194,7 @@ BEGIN
             UPDATE bus_messages AS m
             SET lock_token = NULL, locked_until = NULL,
                 lone_crashes = m.lone_crashes
-                    + CASE WHEN v_sessions = 1 AND m.crash_count > 0 THEN 1 ELSE 0 END,
+                    + CASE WHEN v_sessions = 1 AND m.crash_count >= 2 THEN 1 ELSE 0 END,
                 crash_count = m.crash_count + 1
             FROM held AS h
             WHERE m.queue = h.queue AND m.session_id = h.session_id

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from sagaflow.adapters.payloads.local import LocalPayloadStore
 from sagaflow.core.ports import PayloadStore
-from sagaflow.local.inputs import InvalidInputError
 from sagaflow.runtime.claimcheck import ClaimCheck
 from sagaflow.settings import Settings
+from sagaflow.wiring.problems import InvalidInputError
 
 
 def make_payload_store(settings: Settings, state_dir: Path) -> PayloadStore:
