@@ -12,7 +12,7 @@ of every handler call (`chaos_runner.py`):
 - calls, attempts called more than once (at-least-once redelivery), dead letters;
 - per outage: the lines the processes logged about it, and tracebacks.
 
-    python bench/chaos.py --executions 1000 --kills 12 --outage 60 --step-seconds 5
+    python bench/chaos.py --executions 1000 --kills 12 --outage 60
 """
 
 from __future__ import annotations
@@ -55,6 +55,19 @@ spec:
     - {name: b, type: chaos.work, dependsOn: [a], input: {n: "${{ input.n }}"},
        retry: {maxAttempts: 3, initialInterval: 20s}}
     - {name: c, type: chaos.work, dependsOn: [b], input: {n: "${{ input.n }}"}}
+"""
+
+
+# Executions whose first step waits until Postgres is expected to be down, so their
+# durable timers fall due during the outage.
+LATER = """---
+apiVersion: sagaflow.io/v1alpha1
+kind: Workflow
+metadata: {name: later}
+spec:
+  steps:
+    - {name: wait, type: sagaflow.wait, input: {duration: "${{ input.after }}"}}
+    - {name: then, type: chaos.work, dependsOn: [wait], input: {n: 1}}
 """
 
 
@@ -126,7 +139,9 @@ def overlapping(lines: list[list[str]]) -> int:
     return twice
 
 
-async def figures(dsn: str, names: set[str], outage: tuple[float, float]) -> dict[str, Any]:
+async def figures(
+    dsn: str, names: set[str], outage: tuple[float, float], waits: dict[str, float]
+) -> dict[str, Any]:
     conn = await asyncpg.connect(dsn)
     try:
         rows = await conn.fetch(
@@ -144,6 +159,13 @@ async def figures(dsn: str, names: set[str], outage: tuple[float, float]) -> dic
             "AS fired FROM sagaflow_history r WHERE r.kind = 'StepRetrying'"
         )
         timers_left = await conn.fetchval("SELECT count(*) FROM sagaflow_timers")
+        waited = await conn.fetch(
+            "SELECT e.name, w.at AS set_at, (SELECT min(x.at) FROM sagaflow_history x "
+            " WHERE x.execution_id = w.execution_id AND x.step = 'wait' "
+            " AND x.kind = 'StepSucceeded') AS fired "
+            "FROM sagaflow_history w JOIN sagaflow_executions e USING (execution_id) "
+            "WHERE w.kind = 'StepWaiting'"
+        )
         letters = await conn.fetch("SELECT reason, count(*) AS n FROM bus_dead_letters GROUP BY 1")
     finally:
         await conn.close()
@@ -153,6 +175,14 @@ async def figures(dsn: str, names: set[str], outage: tuple[float, float]) -> dic
     terminal = {r["name"] for r in rows if r["phase"] in ("Completed", "Failed", "Cancelled")}
     late_normal, late_outage, unfired = [], [], 0
     down, up = outage
+    for r in waited:
+        if r["fired"] is None:
+            unfired += 1
+            continue
+        due = r["set_at"].timestamp() + waits[r["name"]]
+        (late_outage if down <= due <= up else late_normal).append(
+            r["fired"].timestamp() - (up if down <= due <= up else due)
+        )
     for r in retries:
         if r["fired"] is None:
             unfired += 1
@@ -169,7 +199,7 @@ async def figures(dsn: str, names: set[str], outage: tuple[float, float]) -> dic
         "lost": len(names - terminal),
         "missing": len(names - seen),
         "twice": twice,
-        "retries": len(retries),
+        "retries": len(retries) + len(waited),
         "unfired": unfired,
         "timers_left": timers_left,
         "late_normal": max(late_normal, default=0.0),
@@ -182,7 +212,7 @@ async def figures(dsn: str, names: set[str], outage: tuple[float, float]) -> dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--executions", type=int, default=1000)
-    parser.add_argument("--step-seconds", type=float, default=5.0)
+    parser.add_argument("--step-seconds", type=float, default=2.0)
     parser.add_argument("--kills", type=int, default=12, help="kill -9s, run and runner in turn")
     parser.add_argument("--kill-every", type=float, default=3.0)
     parser.add_argument("--outage", type=float, default=60.0)
@@ -193,6 +223,10 @@ def main() -> None:
         root = Path(tmp)
         os.chmod(root, 0o755)  # noqa: S103 - postgres runs as its own user and must enter it
         names = {f"run-{i}" for i in range(args.executions)}
+        # When the outage should begin, by the schedule below.
+        outage_at = args.kills * args.kill_every + 3 * 8
+        waits = {f"later-{i}": outage_at + args.outage * (0.1 + 0.8 * i / 19) for i in range(20)}
+        names |= set(waits)
         with (root / "chaos.yaml").open("w") as f:
             f.write(WORKFLOW)
             for i in range(args.executions):
@@ -200,6 +234,13 @@ def main() -> None:
                     "---\napiVersion: sagaflow.io/v1alpha1\nkind: Execution\n"
                     f"metadata: {{name: run-{i}}}\nspec: {{workflowRef: {{name: chaos}}, "
                     f"input: {{n: {i}}}}}\n"
+                )
+            f.write(LATER)
+            for name, seconds in waits.items():
+                f.write(
+                    "---\napiVersion: sagaflow.io/v1alpha1\nkind: Execution\n"
+                    f"metadata: {{name: {name}}}\nspec: {{workflowRef: {{name: later}}, "
+                    f"input: {{after: {seconds:.0f}s}}}}\n"
                 )
         env = {k: v for k, v in os.environ.items() if not k.startswith("SAGAFLOW_")}
         env.update(CHAOS_LOG=str(root / "calls.log"), CHAOS_STEP_SECONDS=str(args.step_seconds))
@@ -239,7 +280,8 @@ def main() -> None:
         texts = {log.name: log.read_text(errors="replace") for log in cast.logs}
         text = "\n".join(texts.values())
         with EmbeddedPostgres(root / "s" / "postgres") as server:
-            f = asyncio.run(figures(server.dsn, names, (down, up)))
+            whole = {name: float(f"{seconds:.0f}") for name, seconds in waits.items()}
+            f = asyncio.run(figures(server.dsn, names, (down, up), whole))
         print(f"executions={args.executions} steps=3 step-seconds={args.step_seconds:g}")
         print(f"  last sagaflow run exit {code}, runner exit {runner_code}, {elapsed:.0f}s in all")
         print(f"  phases {f['phases']}; failed with {f['errors'] or 'nothing'}")
@@ -250,7 +292,8 @@ def main() -> None:
             f"{sum(1 for n in calls.values() if n > 1)} attempts called again (redelivery)"
         )
         print(
-            f"  retry timers {f['retries']}: {f['unfired']} never fired, {f['timers_left']} left; "
+            f"  timers (retries, waits) {f['retries']}: {f['unfired']} never fired, "
+            f"{f['timers_left']} left; "
             f"latest {f['late_normal']:.2f}s after due; {f['due_in_outage']} fell due in the "
             f"outage, fired at most {f['late_outage']:.2f}s after Postgres was back"
         )
