@@ -38,8 +38,9 @@ from sagaflow.core.ports import (
     PayloadRef,
 )
 from sagaflow.runtime.claimcheck import MAX_DEPTH, ClaimCheck, encode
+from sagaflow.runtime.handlers import MAX_ERROR_MESSAGE
 from sagaflow.runtime.orchestrator import Orchestrator
-from sagaflow.runtime.worker import MAX_ERROR_MESSAGE, RunnerWorker
+from sagaflow.runtime.worker import RunnerWorker
 from sagaflow_runner import PermanentError, Registry, StepContext
 
 pytestmark = pytest.mark.timeout(60)

@@ -41,41 +41,45 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Literal
 
-from sagaflow.core.jsonsafe import scrub_text, unstorable
 from sagaflow.core.messages import (
-    EVENTS_QUEUE,
     ExecuteStep,
     MalformedMessageError,
     StepResult,
     commands_queue,
     decode_command,
-    output_problem,
 )
 from sagaflow.core.ports import (
     SUSPECT_AFTER_CRASHES,
     Bus,
     Clock,
     MessageLockLostError,
-    OutgoingMessage,
     ReceivedMessage,
     utc_now,
 )
 from sagaflow.runtime import exits
+from sagaflow.runtime.attempts import (
+    Attempt,
+    event,
+    failed,
+    failed_from,
+    parse_deadline,
+    result,
+    who,
+)
 from sagaflow.runtime.batching import Settler, Slots, abandon, until
 from sagaflow.runtime.claimcheck import ClaimCheck
-from sagaflow.runtime.handlers import MAX_ERROR_MESSAGE, as_async, claim_checked
+from sagaflow.runtime.handlers import as_async, claim_checked
 from sagaflow.runtime.isolation import Gate
 from sagaflow.runtime.outages import OutageWatch
 from sagaflow.runtime.threads import DaemonThreads
 from sagaflow.runtime.watchdog import LoopWatchdog
-from sagaflow_runner import AsyncHandler, Registry, StepContext, StepError
+from sagaflow_runner import AsyncHandler, Registry, StepContext
 
 log = logging.getLogger("sagaflow.runner")
 
-ResultKind = Literal["StepCompleted", "StepFailed", "StepHeartbeat"]
 # attempt ids -> status of each attempt the state knows ("Running", "Succeeded", ...).
 AttemptCheck = Callable[[Sequence[str]], Awaitable[Mapping[str, str]]]
 # A floor so a tiny lock duration cannot turn renewal into a busy loop.
@@ -124,8 +128,8 @@ class RunnerWorker:
             bus, flush_interval, flush_max, lambda: bool(self._running), outages
         )
         self._tasks: set[asyncio.Task[None]] = set()  # one per received command
-        self._running: dict[asyncio.Task[Any], _Attempt] = {}  # inside a handler
-        self._attempts: dict[str, _Attempt] = {}  # by attempt id, from start to settling
+        self._running: dict[asyncio.Task[Any], Attempt] = {}  # inside a handler
+        self._attempts: dict[str, Attempt] = {}  # by attempt id, from start to settling
         self._background: set[asyncio.Task[None]] = set()  # lock renewals in flight
         self._to_abandon: list[ReceivedMessage] = []
         self._claim_check = claim_check
@@ -171,7 +175,7 @@ class RunnerWorker:
         """Who a task is, for people: a running handler by its step, else its name."""
         attempt = self._running.get(task) if task is not None else None
         if attempt is not None:
-            return f"step {_who(attempt.cmd)}"
+            return f"step {who(attempt.cmd)}"
         return "no step handler" if task is None else f"task {task.get_name()!r}, not a step"
 
     def running(self) -> list[tuple[ExecuteStep, datetime]]:
@@ -298,7 +302,7 @@ class RunnerWorker:
     ) -> None:
         try:
             cmd = decode_command(message.body)
-            deadline = _parse_deadline(cmd.deadline)
+            deadline = parse_deadline(cmd.deadline)
             if cmd.attempt < 1:
                 raise MalformedMessageError(f"attempt: expected 1 or more, got {cmd.attempt}")
         except MalformedMessageError as exc:
@@ -312,7 +316,7 @@ class RunnerWorker:
             await self._dead_letter(message, "UnknownAttempt", description)
             return
         if status is not None and status != "Running":
-            log.info("attempt already %s, not running it: %s", status.lower(), _who(cmd))
+            log.info("attempt already %s, not running it: %s", status.lower(), who(cmd))
             await self._settler.settle(None, message)
             return
         handler = self._registry.handler(cmd.type)
@@ -325,39 +329,38 @@ class RunnerWorker:
         if running is not None:
             # Delivered again while it runs here (its lock expired meanwhile): one run
             # only, settled with the newer delivery's lock.
-            log.info("delivered again while running here; not started twice: %s", _who(cmd))
+            log.info("delivered again while running here; not started twice: %s", who(cmd))
             running.message = message
             return
         if deadline is not None and deadline <= self._clock():
-            log.info("deadline passed before start, not running: %s", _who(cmd))
+            log.info("deadline passed before start, not running: %s", who(cmd))
             await self._settler.settle(None, message)
             return
-        attempt = _Attempt(self, cmd, message, self._clock())
+        attempt = Attempt(self._bus, cmd, message, self._clock(), self._background)
         self._attempts[cmd.attempt_id] = attempt
         try:
             result = await self._isolated(attempt, as_async(handler, self._threads), deadline)
         finally:
             del self._attempts[cmd.attempt_id]
-        await self._settler.settle(None if result is None else _event(cmd, result), attempt.message)
+        await self._settler.settle(None if result is None else event(cmd, result), attempt.message)
 
     async def _isolated(
-        self, attempt: _Attempt, handler: AsyncHandler, deadline: datetime | None
+        self, attempt: Attempt, handler: AsyncHandler, deadline: datetime | None
     ) -> StepResult | None:
         if attempt.message.crash_count < SUSPECT_AFTER_CRASHES:
             async with self._gate.shared():
                 return await self._run(attempt, handler, deadline)
-        who = _who(attempt.cmd)
+        name = who(attempt.cmd)
         log.warning(
-            "running alone: the last process to hold this command died while running it "
-            "(%d time(s)): %s",
+            "running alone: processes holding this command died %d times: %s",
             attempt.message.crash_count,
-            who,
+            name,
         )
-        async with self._gate.exclusive(who):
+        async with self._gate.exclusive(name):
             return await self._run(attempt, handler, deadline)
 
     async def _run(
-        self, attempt: _Attempt, handler: AsyncHandler, deadline: datetime | None
+        self, attempt: Attempt, handler: AsyncHandler, deadline: datetime | None
     ) -> StepResult | None:
         """The attempt's result, or None when it ran past its deadline."""
         cmd = attempt.cmd
@@ -387,19 +390,19 @@ class RunnerWorker:
         except asyncio.CancelledError:
             if not task.cancelling():
                 # The handler leaked a CancelledError of its own: a failure, not a shutdown.
-                return _failed(cmd, "CancelledError", "handler raised CancelledError", True)
+                return failed(cmd, "CancelledError", "handler raised CancelledError", True)
             self._to_abandon.append(attempt.message)
-            log.info("cancelled at shutdown, will be redelivered: %s", _who(cmd))
+            log.info("cancelled at shutdown, will be redelivered: %s", who(cmd))
             raise
         except TimeoutError as exc:
             if timeout.expired():
-                log.warning("ran past its deadline, cancelled without a result: %s", _who(cmd))
+                log.warning("ran past its deadline, cancelled without a result: %s", who(cmd))
                 return None
-            return _failed_from(cmd, exc)
+            return failed_from(cmd, exc)
         except SystemExit as exc:
-            return _failed(cmd, *exits.exit_failure(exc), retryable=False)
+            return failed(cmd, *exits.exit_failure(exc), retryable=False)
         except Exception as exc:
-            return _failed_from(cmd, exc)
+            return failed_from(cmd, exc)
         finally:
             del self._running[task]
             attempt.close()
@@ -407,8 +410,8 @@ class RunnerWorker:
             output = {}
         if not isinstance(output, dict):
             kind = type(output).__name__
-            return _failed(cmd, "InvalidOutput", f"handler returned {kind}, not a dict", False)
-        return _result(cmd, "StepCompleted", output=output)
+            return failed(cmd, "InvalidOutput", f"handler returned {kind}, not a dict", False)
+        return result(cmd, "StepCompleted", output=output)
 
     def _seconds_left(self, deadline: datetime | None) -> float | None:
         return None if deadline is None else (deadline - self._clock()).total_seconds()
@@ -421,124 +424,3 @@ class RunnerWorker:
             log.info("lock lost before dead-lettering %s", message.message_id)
         except Exception:
             log.exception("dead-lettering %s failed; it will be redelivered", message.message_id)
-
-
-class _Attempt:
-    """One running attempt: its command, the delivery it settles with, heartbeats and
-    lock renewals."""
-
-    def __init__(
-        self, worker: RunnerWorker, cmd: ExecuteStep, message: ReceivedMessage, started: datetime
-    ) -> None:
-        self._worker = worker
-        self._bus = worker._bus
-        self.cmd = cmd
-        self.message = message  # replaced when the command is delivered again meanwhile
-        self.started_at = started
-        self._sequence = 0
-        self._closed = False
-        self._interval = 0.0
-        self._timer: asyncio.TimerHandle | None = None
-
-    async def heartbeat(self, details: dict[str, Any] | None = None) -> None:
-        # The wire event has no field for `details`; it is accepted for the SDK's sake.
-        # Heartbeats never raise into the handler: they are advisory, and a failed
-        # one must not turn a healthy attempt into a failed one.
-        if self._closed:
-            return
-        self._sequence += 1
-        beat = _result(self.cmd, "StepHeartbeat", sequence=self._sequence)
-        try:
-            await self._bus.send([_event(self.cmd, beat)])
-        except Exception as exc:
-            log.warning("heartbeat send failed (%s): %s", exc, _who(self.cmd))
-        await self._renew()
-
-    def keep_lock(self, interval: float) -> None:
-        # A timer, not a task per command: most handlers finish long before it fires.
-        self._interval = interval
-        self._timer = asyncio.get_running_loop().call_later(interval, self._fire)
-
-    def close(self) -> None:
-        self._closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-
-    def _fire(self) -> None:
-        if self._closed:
-            return
-        task = asyncio.create_task(self._renew(rearm=True))
-        self._worker._background.add(task)
-        task.add_done_callback(self._worker._background.discard)
-
-    async def _renew(self, *, rearm: bool = False) -> None:
-        try:
-            await self._bus.renew_lock([self.message])
-        except MessageLockLostError:
-            log.warning("lock lost, the command may run twice: %s", _who(self.cmd))
-            return
-        except Exception as exc:
-            log.warning("lock renewal failed (%s): %s", exc, _who(self.cmd))
-        if rearm and not self._closed:
-            self.keep_lock(self._interval)
-
-
-def _event(cmd: ExecuteStep, result: StepResult) -> OutgoingMessage:
-    """The result as a message; an output that could not be sent or stored becomes the
-    step's InvalidOutput failure, naming where in the output the problem is."""
-    try:
-        body = result.encode()
-        problem = output_problem(result.output, body) if result.kind == "StepCompleted" else None
-    except (TypeError, ValueError) as exc:
-        # Only a handler's output can fail to encode.
-        problem = unstorable(result.output, "output")
-        problem = f"the step's output cannot be stored: {problem}" if problem else None
-        problem = problem or f"output is not JSON-serialisable: {exc}"
-    if problem is not None:
-        result = _failed(cmd, "InvalidOutput", problem, False)
-        body = result.encode()
-    return OutgoingMessage(EVENTS_QUEUE, result.message_id, result.execution_id, body)
-
-
-def _failed_from(cmd: ExecuteStep, exc: Exception) -> StepResult:
-    if isinstance(exc, StepError):
-        return _failed(cmd, exc.type, str(exc), exc.retryable)
-    log.debug("handler traceback: %s", _who(cmd), exc_info=exc)
-    return _failed(cmd, type(exc).__name__, str(exc) or type(exc).__name__, True)
-
-
-def _failed(cmd: ExecuteStep, error_type: str, message: str, retryable: bool) -> StepResult:
-    log.warning(
-        "step failed: %s type=%s retryable=%s: %s", _who(cmd), error_type, retryable, message
-    )
-    return _result(
-        cmd,
-        "StepFailed",
-        error_type=scrub_text(error_type),
-        error_message=scrub_text(message[:MAX_ERROR_MESSAGE]),
-        retryable=retryable,
-    )
-
-
-def _result(cmd: ExecuteStep, kind: ResultKind, **fields: Any) -> StepResult:
-    return StepResult(kind, cmd.execution_id, cmd.step, cmd.attempt, **fields)
-
-
-def _who(cmd: ExecuteStep) -> str:
-    return (
-        f"{cmd.step} of execution {cmd.execution} (id={cmd.execution_id}, "
-        f"attempt {cmd.attempt}, type {cmd.type})"
-    )
-
-
-def _parse_deadline(value: object) -> datetime | None:
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise MalformedMessageError("deadline: expected an ISO-8601 string or null")
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError as exc:
-        raise MalformedMessageError(f"deadline: {exc}") from exc
-    # A deadline without an offset is taken as UTC, the orchestrator's clock.
-    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
