@@ -234,3 +234,24 @@ def test_starting_many_runs_the_first_step_at_once() -> None:
         # first step runs before the last execution is even started.
         last_start = s.query("SELECT max(created_at) AS t FROM sagaflow_executions")[0]["t"]
         assert first < last_start.timestamp(), first - started
+
+
+@pytest.mark.parametrize("command", ["runner", "run"])
+def test_a_database_that_does_not_answer_yet_is_waited_for_and_sigterm_still_stops(
+    command: str,
+) -> None:
+    with scene() as s:
+        # A Postgres that is not up yet (a pod started before its database).
+        down = {"SAGAFLOW_DATABASE_URL": "postgresql://postgres@127.0.0.1:1/sagaflow"}
+        if command == "runner":
+            proc = s.start_runner(**down)
+        else:
+            proc = s.start_run(s.manifest(behaving(1, {})), **down)
+        assert proc.stderr is not None
+        line = proc.stderr.readline()  # blocks until the process says it waits
+        assert "the database is not answering" in line and "waiting for it" in line, line
+        assert proc.poll() is None  # waiting, not dead
+        proc.send_signal(signal.SIGTERM)
+        code, _, err = finish(proc, 30)
+        assert code == (0 if command == "runner" else 143), err
+        assert "Traceback" not in err

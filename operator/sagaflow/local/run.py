@@ -32,7 +32,7 @@ from sagaflow.local.output import write_listing
 from sagaflow.runtime.orchestrator import Orchestrator, StartRequest
 from sagaflow.settings import Settings
 from sagaflow.wiring.buses import make_bus
-from sagaflow.wiring.database import open_database
+from sagaflow.wiring.database import GaveUpWaiting, open_database
 from sagaflow.wiring.payloads import make_claim_check
 from sagaflow_runner import Registry, default_registry, load_module
 
@@ -76,6 +76,7 @@ async def run_local(
 ) -> int:
     interrupts = Interrupts(err, settings.grace_period_seconds)
     interrupts.install()
+    counts: dict[str, int] = {}
     try:
         registry = load_runners(runner_specs)
         manifests = load_manifests(
@@ -94,7 +95,7 @@ async def run_local(
         with exclusive(state_dir):
             claim_check = make_claim_check(settings, state_dir)
             try:
-                async with open_database(settings, state_dir) as db:
+                async with open_database(settings, state_dir, give_up=interrupts.stop) as db:
                     bus = make_bus(settings, db.pool)
                     orchestrator = Orchestrator(
                         PostgresStore(db.pool),
@@ -120,6 +121,8 @@ async def run_local(
                     finally:
                         await bus.close()
                         await orchestrator.outages.close()
+            except GaveUpWaiting:
+                pass  # signalled before the database answered: nothing was started
             finally:
                 await claim_check.close()
     except InvalidInputError as exc:

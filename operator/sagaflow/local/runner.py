@@ -25,7 +25,7 @@ from sagaflow.runtime.worker import RunnerWorker
 from sagaflow.settings import Settings
 from sagaflow.wiring.buses import make_bus
 from sagaflow.wiring.checks import attempt_check
-from sagaflow.wiring.database import open_database
+from sagaflow.wiring.database import GaveUpWaiting, open_database
 from sagaflow.wiring.payloads import make_claim_check
 from sagaflow_runner import Registry
 
@@ -63,7 +63,11 @@ async def _serve(
         async with contextlib.AsyncExitStack() as stack:
             pool = None
             if settings.bus == "postgres":  # the embedded bus lives in the state database
-                pool = (await stack.enter_async_context(open_database(settings, state_dir))).pool
+                opened = open_database(settings, state_dir, give_up=interrupts.stop)
+                try:
+                    pool = (await stack.enter_async_context(opened)).pool
+                except GaveUpWaiting:
+                    return  # stopped before the database ever answered: nothing to hand back
             bus = make_bus(settings, pool)
             stack.push_async_callback(bus.close)
             outages = check = None

@@ -36,7 +36,6 @@ class LoopWatchdog:
             target=self._watch, name="sagaflow loop watchdog", daemon=True
         )
         self._timer: asyncio.TimerHandle | None = None
-        self.reports = 0  # episodes reported: for tests
 
     def start(self) -> None:
         self._tick()
@@ -63,7 +62,6 @@ class LoopWatchdog:
                 # Read from this thread: the loop is stuck inside this task's step.
                 blocked_by = self._describe(asyncio.current_task(self._loop))
                 since = stamp
-                self.reports += 1
                 log.warning(
                     "the event loop has been blocked for %.1fs by %s: an async handler must "
                     "not call blocking code; make it a plain `def` (run in a thread) or await",

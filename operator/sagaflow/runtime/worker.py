@@ -45,7 +45,6 @@ from datetime import datetime
 from typing import Any, Literal
 
 from sagaflow.core.messages import (
-    ExecuteStep,
     MalformedMessageError,
     StepResult,
     commands_queue,
@@ -177,10 +176,6 @@ class RunnerWorker:
         if attempt is not None:
             return f"step {who(attempt.cmd)}"
         return "no step handler" if task is None else f"task {task.get_name()!r}, not a step"
-
-    def running(self) -> list[tuple[ExecuteStep, datetime]]:
-        """The attempts running here now, with when each started (for progress)."""
-        return [(a.cmd, a.started_at) for a in self._attempts.values()]
 
     async def _receive_loop(self, queue: str, stop: asyncio.Event, *, shares: int) -> None:
         # A loop blocks in receive only while holding its fair share of the slots, so an

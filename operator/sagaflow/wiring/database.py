@@ -9,6 +9,7 @@ server restarting) is waited for, with one log line, rather than failing the sta
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -33,10 +34,19 @@ class Database:
     embedded: bool
 
 
+class GaveUpWaiting(Exception):
+    """The caller was told to stop while it waited for the database to answer."""
+
+
 @asynccontextmanager
 async def open_database(
-    settings: Settings, state_dir: Path, pool_size: int = 8
+    settings: Settings,
+    state_dir: Path,
+    pool_size: int = 8,
+    give_up: asyncio.Event | None = None,
 ) -> AsyncIterator[Database]:
+    """The migrated database; while it does not answer, wait (GaveUpWaiting once
+    `give_up` is set: a command told to stop must not wait for ever)."""
     server: EmbeddedPostgres | None = None
     if settings.database_url:
         dsn = settings.database_url
@@ -44,10 +54,11 @@ async def open_database(
         server = EmbeddedPostgres(state_dir / "postgres")
         dsn = await asyncio.to_thread(server.start)
     try:
-        pool = await _connect(dsn, pool_size)
+        # min_size=0: connections are made when needed. A pool with a floor tries to
+        # restore it on its own during an outage, logging a traceback every time.
+        pool = await asyncpg.create_pool(dsn, min_size=0, max_size=pool_size)
         try:
-            async with pool.acquire() as conn:
-                await migrate(conn)
+            await _migrate_when_answering(pool, give_up)
             yield Database(dsn=dsn, pool=pool, embedded=server is not None)
         finally:
             await pool.close()
@@ -56,18 +67,22 @@ async def open_database(
             await asyncio.to_thread(server.stop)
 
 
-async def _connect(dsn: str, pool_size: int) -> asyncpg.Pool:
+async def _migrate_when_answering(pool: asyncpg.Pool, give_up: asyncio.Event | None) -> None:
     delay, waiting = 0.1, False
     while True:
         try:
-            # min_size=0: connections are made when needed. A pool with a floor tries to
-            # restore it on its own during an outage, logging a traceback every time.
-            return await asyncpg.create_pool(dsn, min_size=0, max_size=pool_size)
+            async with pool.acquire() as conn:
+                await migrate(conn)
+            return
         except Exception as exc:
             if not database_unavailable(exc):
                 raise
             if not waiting:
                 waiting = True
                 log.warning("the database is not answering (%s); waiting for it", describe(exc))
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
+        stop = give_up or asyncio.Event()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
+        if stop.is_set():
+            raise GaveUpWaiting("stopped while waiting for the database")
+        delay = min(delay * 2, 2.0)
