@@ -694,7 +694,7 @@ def test_exhausting_max_attempts_fails_the_step_and_the_execution(max_attempts: 
     assert pay.finished_at == t(100)
     assert pay.error == Failure("Declined", "card declined")
     assert run.state.phase is E.FAILED
-    assert run.state.error == Failure("Declined", "step pay failed: card declined")
+    assert run.state.error == Failure("Declined", "step pay failed: card declined", step="pay")
     assert run.state.finished_at == t(100)
     assert run.phases() == {"pay": S.FAILED, "ship": S.SKIPPED, "audit": S.RUNNING}
     assert decision.dispatches == ()
@@ -748,7 +748,7 @@ def test_which_failures_are_retried(
         assert run.step("a").phase is S.FAILED
         assert run.step("a").attempt == 1
         assert run.state.phase is E.FAILED
-        assert run.state.error == Failure(error_type, "step a failed: oops")
+        assert run.state.error == Failure(error_type, "step a failed: oops", step="a")
         assert decision.timers == ()
         assert kinds(decision) == ["StepFailed", "ExecutionFailed"]
     assert decision.dispatches == ()
@@ -971,7 +971,9 @@ def test_a_timeout_on_the_last_attempt_fails_the_execution() -> None:
     decision = run.fire("step-timeout", "a", 1, at=30)
 
     assert kinds(decision) == ["StepTimedOut", "StepFailed", "ExecutionFailed"]
-    assert run.state.error == Failure("StepTimeout", "step a failed: no result within 30s")
+    assert run.state.error == Failure(
+        "StepTimeout", "step a failed: no result within 30s", step="a"
+    )
 
 
 def test_a_timeout_listed_as_non_retryable_fails_at_once() -> None:
@@ -1272,7 +1274,7 @@ def test_after_failure_an_in_flight_result_is_still_recorded_but_nothing_is_disp
     assert run.step("slow").finished_at == t(9)
     assert run.step("after").phase is S.SKIPPED
     assert run.state.phase is E.FAILED
-    assert run.state.error == Failure("Fatal", "step bad failed: broken")
+    assert run.state.error == Failure("Fatal", "step bad failed: broken", step="bad")
     assert run.state.finished_at == t(5)
     assert run.state.output is None
     assert run.state.revision == before.revision + 1
@@ -1289,7 +1291,7 @@ def test_after_failure_an_in_flight_failure_is_recorded_and_not_retried() -> Non
     assert kinds(decision) == ["StepFailed"]
     assert run.step("slow").phase is S.FAILED
     assert run.step("slow").error == Failure("Flaky", "later")
-    assert run.state.error == Failure("Fatal", "step bad failed: broken")
+    assert run.state.error == Failure("Fatal", "step bad failed: broken", step="bad")
 
 
 def test_cancel_stops_the_execution_and_skips_what_has_not_run() -> None:
@@ -1481,7 +1483,7 @@ def test_a_fail_step_fails_permanently_with_type_and_message_from_its_input(
     assert (f.phase, f.attempt, f.error, f.finished_at) == (S.FAILED, 1, error, t(2))
     assert run.step("after").phase is S.SKIPPED
     assert run.state.phase is E.FAILED
-    assert run.state.error == Failure(error.type, f"step f failed: {error.message}")
+    assert run.state.error == Failure(error.type, f"step f failed: {error.message}", step="f")
     assert decision.dispatches == ()
     assert decision.timers == ()
     assert kinds(decision) == ["StepSucceeded", "StepFailed", "ExecutionFailed"]
@@ -1640,7 +1642,9 @@ def test_an_expression_error_at_dispatch_fails_the_step_and_the_execution(
     assert a.error.type == "ExpressionError"
     assert a.error.message.startswith(f"{path}: evaluating ")
     assert run.state.phase is E.FAILED
-    assert run.state.error == Failure("ExpressionError", f"step a failed: {a.error.message}")
+    assert run.state.error == Failure(
+        "ExpressionError", f"step a failed: {a.error.message}", step="a"
+    )
     assert dispatched(decision) == [("ok", 1)]  # dispatched before `a` was reached
     assert decision.timers == ()
     assert run.phases() == {"ok": S.RUNNING, "a": S.FAILED, "b": S.SKIPPED}

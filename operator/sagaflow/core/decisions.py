@@ -22,6 +22,7 @@ class Dispatch:
     input: dict[str, Any]
     deadline: datetime | None
     heartbeat_timeout: float | None
+    compensation: bool = False  # undoes `step` (attempt numbers are the undo's own)
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sagaflow.core.durations import parse_duration
-from sagaflow.core.manifests import RetryPolicy, WorkflowSpec
+from sagaflow.core.manifests import CompensationPolicy, InDoubt, RetryPolicy, WorkflowSpec
 
 PASS = "sagaflow.pass"  # noqa: S105 - a step type, not a secret
 WAIT = "sagaflow.wait"
@@ -48,6 +48,14 @@ class Retry:
 
 
 @dataclass(frozen=True, slots=True)
+class CompensateDef:
+    type: str
+    input: Any
+    retry: Retry
+    timeout: float | None
+
+
+@dataclass(frozen=True, slots=True)
 class StepDef:
     name: str
     type: str
@@ -57,6 +65,23 @@ class StepDef:
     retry: Retry
     timeout: float | None
     heartbeat_timeout: float | None
+    compensate: CompensateDef | None = None
+    pivot: bool = False
+    # Every step that depends on this one, directly or not: their undo comes first.
+    descendants: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class Compensation:
+    on_cancel: bool = True
+    in_doubt: InDoubt = InDoubt.AWAIT
+    max_parallel: int = 0  # 0: no limit
+
+    @classmethod
+    def from_policy(cls, policy: CompensationPolicy | None) -> Compensation:
+        if policy is None:
+            return cls()
+        return cls(policy.on_cancel, policy.in_doubt, policy.max_parallel)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +92,7 @@ class Definition:
     timeout: float | None
     output: Any
     by_name: dict[str, StepDef] = field(compare=False, repr=False)
+    compensation: Compensation = Compensation()
 
     def step(self, name: str) -> StepDef:
         return self.by_name[name]
@@ -82,6 +108,8 @@ def compile_definition(spec: WorkflowSpec, *, name: str, version: int) -> Defini
     for s in spec.steps:
         for dep in s.depends_on:
             dependents[dep].append(s.name)
+    order = _topological({s.name: s.depends_on for s in spec.steps})
+    descendants = _descendants(order, dependents)
     steps = {
         s.name: StepDef(
             name=s.name,
@@ -92,10 +120,20 @@ def compile_definition(spec: WorkflowSpec, *, name: str, version: int) -> Defini
             retry=Retry.from_policy(s.retry or default_retry),
             timeout=parse_duration(s.timeout) if s.timeout else None,
             heartbeat_timeout=parse_duration(s.heartbeat_timeout) if s.heartbeat_timeout else None,
+            compensate=None
+            if s.compensate is None
+            else CompensateDef(
+                type=s.compensate.type,
+                input=s.compensate.input if s.compensate.input is not None else {},
+                retry=Retry.from_policy(s.compensate.retry or default_retry),
+                timeout=parse_duration(s.compensate.timeout) if s.compensate.timeout else None,
+            ),
+            pivot=s.pivot,
+            descendants=descendants[s.name],
         )
         for s in spec.steps
     }
-    ordered = _topological(steps)
+    ordered = tuple(steps[n] for n in order)
     return Definition(
         name=name,
         version=version,
@@ -103,20 +141,29 @@ def compile_definition(spec: WorkflowSpec, *, name: str, version: int) -> Defini
         timeout=parse_duration(spec.timeout) if spec.timeout else None,
         output=spec.output,
         by_name={s.name: s for s in ordered},
+        compensation=Compensation.from_policy(spec.compensation),
     )
 
 
-def _topological(steps: dict[str, StepDef]) -> tuple[StepDef, ...]:
+def _topological(depends_on: dict[str, tuple[str, ...]]) -> list[str]:
     """Kahn's order, ties kept in manifest order so dispatch order is stable."""
-    remaining = {name: set(s.depends_on) for name, s in steps.items()}
-    ordered: list[StepDef] = []
+    remaining = {name: set(deps) for name, deps in depends_on.items()}
+    ordered: list[str] = []
     while remaining:
         ready = [n for n, deps in remaining.items() if not deps]
         if not ready:
             raise ValueError(f"cycle among steps {sorted(remaining)}")
         for n in ready:
-            ordered.append(steps[n])
+            ordered.append(n)
             del remaining[n]
         for deps in remaining.values():
             deps.difference_update(ready)
-    return tuple(ordered)
+    return ordered
+
+
+def _descendants(order: list[str], dependents: dict[str, list[str]]) -> dict[str, frozenset[str]]:
+    """Each step's transitive dependents, built from the last step in `order` back."""
+    result: dict[str, frozenset[str]] = {}
+    for name in reversed(order):
+        result[name] = frozenset(dependents[name]).union(*(result[d] for d in dependents[name]))
+    return result

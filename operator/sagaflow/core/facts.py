@@ -1,7 +1,13 @@
 """Facts: what just happened to an execution, as the engine receives it.
 
 Kept apart from the persisted state (`sagaflow.core.state`): a fact is an input
-to one transition and is never stored as part of the aggregate.
+to one transition and is never stored as part of the aggregate. Results and timers
+say whether they belong to a step's compensation (`compensation=True`): a step's
+forward attempts and its compensation attempts are numbered apart.
+
+Control requests (`Suspend`, `Resume`, `Cancel`, `Redrive`, `SkipCompensation`) are
+facts too: each commits with its effect in one transaction, a repeated one is a
+no-op and one that does not apply is refused with a reason.
 """
 
 from __future__ import annotations
@@ -9,12 +15,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-TimerKind = Literal["retry", "step-timeout", "heartbeat-timeout", "workflow-timeout", "wait"]
+TimerKind = Literal[
+    "retry",
+    "step-timeout",
+    "heartbeat-timeout",
+    "workflow-timeout",
+    "wait",
+    "compensation-retry",
+    "compensation-timeout",
+]
 
 
 @dataclass(frozen=True, slots=True)
 class Start:
-    pass
+    suspend: bool = False  # created suspended: nothing is dispatched until resumed
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +36,7 @@ class StepCompleted:
     step: str
     attempt: int
     output: Any
+    compensation: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,12 +46,14 @@ class StepFailed:
     error_type: str
     message: str
     retryable: bool = True
+    compensation: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class StepHeartbeat:
     step: str
     attempt: int
+    compensation: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,4 +68,31 @@ class Cancel:
     reason: str = "cancelled by request"
 
 
-Fact = Start | StepCompleted | StepFailed | StepHeartbeat | TimerFired | Cancel
+@dataclass(frozen=True, slots=True)
+class Suspend:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Redrive:
+    """Retry from failure. `number` is spec.redrive (None: one more than asked so far);
+    `to_latest` moves the run onto the definition passed with the fact."""
+
+    number: int | None = None
+    to_latest: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SkipCompensation:
+    """These steps were undone by hand: compensation passes over them."""
+
+    steps: tuple[str, ...]
+
+
+Control = Cancel | Suspend | Resume | Redrive | SkipCompensation
+Fact = Start | StepCompleted | StepFailed | StepHeartbeat | TimerFired | Control

@@ -47,6 +47,18 @@ class RetryPolicy(_Model):
     _durations = field_validator("initial_interval", "max_interval")(_check_duration)
 
 
+class CompensateSpec(_Model):
+    """How to undo a step that succeeded: a step command of its own."""
+
+    type: str = Field(pattern=STEP_TYPE_PATTERN)
+    input: dict[str, Any] | None = None
+    # Unset: the workflow's retry policy (as for a step).
+    retry: RetryPolicy | None = None
+    timeout: str | None = None
+
+    _durations = field_validator("timeout")(_check_duration)
+
+
 class StepSpec(_Model):
     name: str = Field(pattern=STEP_NAME_PATTERN)
     type: str = Field(pattern=STEP_TYPE_PATTERN)
@@ -55,14 +67,32 @@ class StepSpec(_Model):
     retry: RetryPolicy | None = None
     timeout: str | None = None
     heartbeat_timeout: str | None = None
+    compensate: CompensateSpec | None = None
+    # The point of no return: once it succeeded, a failure is not compensated.
+    pivot: bool = False
 
     _durations = field_validator("timeout", "heartbeat_timeout")(_check_duration)
+
+
+class InDoubt(StrEnum):
+    """What compensation does with a step whose attempt is running when it starts."""
+
+    AWAIT = "await"  # wait for the attempt's result; undo it if it succeeded
+    COMPENSATE = "compensate"  # undo it at once
+    SKIP = "skip"  # leave it
+
+
+class CompensationPolicy(_Model):
+    on_cancel: bool = True
+    in_doubt: InDoubt = InDoubt.AWAIT
+    max_parallel: int = Field(default=0, ge=0, le=10_000)  # 0: no limit
 
 
 class WorkflowSpec(_Model):
     steps: tuple[StepSpec, ...] = Field(min_length=1, max_length=500)
     timeout: str | None = None
     retry: RetryPolicy | None = None
+    compensation: CompensationPolicy | None = None
     output: Any = None
     # Default for this workflow's Executions; an Execution's own setting wins.
     ttl_seconds_after_finished: int | None = Field(default=None, ge=0)
@@ -97,6 +127,14 @@ class ExecutionSpec(_Model):
     # The operator deletes the object this long after the run finished (history stays
     # in Postgres). Unset: the workflow's default; neither: the object is kept.
     ttl_seconds_after_finished: int | None = Field(default=None, ge=0)
+    # Control (desired state; each change becomes a control request):
+    suspend: bool = False
+    cancel: bool = False
+    # Raised by one to ask for one more redrive; status.redrives counts those done.
+    redrive: int = Field(default=0, ge=0)
+    redrive_to_latest: bool = False
+    # Steps whose undo was done by hand: compensation passes over them.
+    skip_compensation: tuple[str, ...] = ()
 
 
 class Execution(_Model):
@@ -114,16 +152,34 @@ class ExecutionPhase(StrEnum):
     COMPENSATING = "Compensating"
     COMPLETED = "Completed"
     FAILED = "Failed"
+    COMPENSATED = "Compensated"
+    COMPENSATION_FAILED = "CompensationFailed"
     CANCELLED = "Cancelled"
 
     @property
     def is_terminal(self) -> bool:
+        """Nothing more happens (a Failed run may still be redriven)."""
         return self in _TERMINAL_EXECUTION
+
+    @property
+    def is_settled(self) -> bool:
+        """Nothing happens until someone acts (resume, redrive, skip a compensation)."""
+        return self in _SETTLED_EXECUTION
+
+    @property
+    def at_rest(self) -> bool:
+        return self.is_terminal or self.is_settled
 
 
 _TERMINAL_EXECUTION = frozenset(
-    {ExecutionPhase.COMPLETED, ExecutionPhase.FAILED, ExecutionPhase.CANCELLED}
+    {
+        ExecutionPhase.COMPLETED,
+        ExecutionPhase.FAILED,
+        ExecutionPhase.COMPENSATED,
+        ExecutionPhase.CANCELLED,
+    }
 )
+_SETTLED_EXECUTION = frozenset({ExecutionPhase.SUSPENDED, ExecutionPhase.COMPENSATION_FAILED})
 
 
 class StepPhase(StrEnum):
@@ -133,18 +189,32 @@ class StepPhase(StrEnum):
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
     SKIPPED = "Skipped"
+    COMPENSATING = "Compensating"
+    COMPENSATED = "Compensated"
+    COMPENSATION_FAILED = "CompensationFailed"
+    COMPENSATION_SKIPPED = "CompensationSkipped"
 
     @property
     def is_terminal(self) -> bool:
         return self in _TERMINAL_STEP
 
 
-_TERMINAL_STEP = frozenset({StepPhase.SUCCEEDED, StepPhase.FAILED, StepPhase.SKIPPED})
+_TERMINAL_STEP = frozenset(
+    {
+        StepPhase.SUCCEEDED,
+        StepPhase.FAILED,
+        StepPhase.SKIPPED,
+        StepPhase.COMPENSATED,
+        StepPhase.COMPENSATION_FAILED,
+        StepPhase.COMPENSATION_SKIPPED,
+    }
+)
 
 
 class StepError(_Model):
     type: str
     message: str
+    step: str | None = None  # on an execution's error: the step whose failure it was
 
 
 class OutputRef(_Model):
@@ -153,6 +223,16 @@ class OutputRef(_Model):
     uri: str
     size: int
     sha256: str
+
+
+class CompensationStatus(_Model):
+    """The undo of one step: its own attempts, times and last error."""
+
+    attempts: int = 0
+    started_at: str | None = None
+    finished_at: str | None = None
+    next_retry_at: str | None = None
+    error: StepError | None = None
 
 
 class StepStatus(_Model):
@@ -167,6 +247,7 @@ class StepStatus(_Model):
     # The output was too large for the status; the whole of it is in Postgres.
     output_truncated: bool | None = None
     error: StepError | None = None
+    compensation: CompensationStatus | None = None
 
 
 class Condition(_Model):
@@ -191,6 +272,8 @@ class ExecutionStatus(_Model):
     output_ref: OutputRef | None = None
     output_truncated: bool | None = None
     error: StepError | None = None
+    # Redrives carried out (spec.redrive asks for them).
+    redrives: int = 0
     conditions: tuple[Condition, ...] = ()
     # The Postgres revision mirrored here: a status write with a lower one is stale.
     revision: int | None = None

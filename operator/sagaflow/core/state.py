@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from sagaflow.core.manifests import ExecutionPhase, StepPhase
 
@@ -19,13 +19,93 @@ from sagaflow.core.manifests import ExecutionPhase, StepPhase
 class Failure:
     type: str
     message: str
+    step: str | None = None  # on an execution's error: the step whose failure it was
 
     def to_json(self) -> dict[str, str]:
-        return {"type": self.type, "message": self.message}
+        out = {"type": self.type, "message": self.message}
+        if self.step is not None:
+            out["step"] = self.step
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any] | None) -> Failure | None:
-        return None if data is None else cls(type=data["type"], message=data["message"])
+        if data is None:
+            return None
+        return cls(type=data["type"], message=data["message"], step=data.get("step"))
+
+
+UndoStatus = Literal["waiting", "running", "retrying", "done"]
+
+
+@dataclass(frozen=True, slots=True)
+class Undo:
+    """A step's compensation: set when the step is to be undone.
+
+    `status` is `waiting` until the compensation may start (the compensations of the
+    step's dependents come first), then `running` or `retrying`, and `done` once the
+    step's phase says how it ended (Compensated, CompensationFailed,
+    CompensationSkipped). Compensation attempts are numbered on their own, from 1,
+    and continue across redrives.
+    """
+
+    status: UndoStatus = "waiting"
+    attempt: int = 0
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    attempt_started_at: datetime | None = None
+    next_retry_at: datetime | None = None
+    error: Failure | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "attempt": self.attempt,
+            "startedAt": _ts(self.started_at),
+            "finishedAt": _ts(self.finished_at),
+            "attemptStartedAt": _ts(self.attempt_started_at),
+            "nextRetryAt": _ts(self.next_retry_at),
+            "error": self.error.to_json() if self.error else None,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> Undo | None:
+        if data is None:
+            return None
+        return cls(
+            status=data["status"],
+            attempt=data["attempt"],
+            started_at=_dt(data.get("startedAt")),
+            finished_at=_dt(data.get("finishedAt")),
+            attempt_started_at=_dt(data.get("attemptStartedAt")),
+            next_retry_at=_dt(data.get("nextRetryAt")),
+            error=Failure.from_json(data.get("error")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """The outcome of the last control request, for the `Request` condition."""
+
+    kind: str  # Suspend, Resume, Cancel, Redrive, SkipCompensation
+    accepted: bool
+    message: str
+    at: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "accepted": self.accepted,
+            "message": self.message,
+            "at": _ts(self.at),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> Request | None:
+        if data is None:
+            return None
+        at = _dt(data["at"])
+        assert at is not None
+        return cls(data["kind"], data["accepted"], data["message"], at)
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,9 +119,13 @@ class StepState:
     next_retry_at: datetime | None = None
     output: Any = None
     error: Failure | None = None
+    # What the last attempt received; kept only for steps that can be undone, whose
+    # compensation input may read it.
+    input: Any = None
+    undo: Undo | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "name": self.name,
             "phase": self.phase.value,
             "attempt": self.attempt,
@@ -52,6 +136,11 @@ class StepState:
             "output": self.output,
             "error": self.error.to_json() if self.error else None,
         }
+        if self.input is not None:
+            out["input"] = self.input
+        if self.undo is not None:
+            out["undo"] = self.undo.to_json()
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> StepState:
@@ -65,6 +154,8 @@ class StepState:
             next_retry_at=_dt(data.get("nextRetryAt")),
             output=data.get("output"),
             error=Failure.from_json(data.get("error")),
+            input=data.get("input"),
+            undo=Undo.from_json(data.get("undo")),
         )
 
 
@@ -84,6 +175,20 @@ class ExecutionState:
     finished_at: datetime | None = None
     revision: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    # While Suspended: the phase the run returns to on resume.
+    resume_phase: ExecutionPhase | None = None
+    cancelled: bool = False  # compensating (or ended) because it was cancelled
+    skip_compensation: frozenset[str] = frozenset()
+    redrives: int = 0  # redrives carried out
+    redrive_requests: int = 0  # the highest redrive number asked for (spec.redrive)
+    request: Request | None = None
+
+    @property
+    def underlying_phase(self) -> ExecutionPhase:
+        """The phase the run is in, seen through a suspension."""
+        if self.phase is ExecutionPhase.SUSPENDED and self.resume_phase is not None:
+            return self.resume_phase
+        return self.phase
 
     @property
     def key(self) -> str:
@@ -109,7 +214,25 @@ class ExecutionState:
             "finishedAt": _ts(self.finished_at),
             "revision": self.revision,
             "steps": [s.to_json() for s in self.steps.values()],
+            **self._saga_json(),
         }
+
+    def _saga_json(self) -> dict[str, Any]:
+        """Saga fields, written only when set so plain runs keep small rows."""
+        out: dict[str, Any] = {}
+        if self.resume_phase is not None:
+            out["resumePhase"] = self.resume_phase.value
+        if self.cancelled:
+            out["cancelled"] = True
+        if self.skip_compensation:
+            out["skipCompensation"] = sorted(self.skip_compensation)
+        if self.redrives:
+            out["redrives"] = self.redrives
+        if self.redrive_requests:
+            out["redriveRequests"] = self.redrive_requests
+        if self.request is not None:
+            out["request"] = self.request.to_json()
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ExecutionState:
@@ -128,6 +251,12 @@ class ExecutionState:
             started_at=_dt(data.get("startedAt")),
             finished_at=_dt(data.get("finishedAt")),
             revision=data.get("revision", 0),
+            resume_phase=ExecutionPhase(data["resumePhase"]) if data.get("resumePhase") else None,
+            cancelled=data.get("cancelled", False),
+            skip_compensation=frozenset(data.get("skipCompensation", ())),
+            redrives=data.get("redrives", 0),
+            redrive_requests=data.get("redriveRequests", 0),
+            request=Request.from_json(data.get("request")),
         )
 
 
