@@ -11,17 +11,28 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tests.core.harness import (
+    T0,
+    TASK,
+    E,
+    Run,
+    S,
+    assert_ignored,
+    build,
+    dispatched,
+    kinds,
+    t,
+    task,
+)
 
-from sagaflow.core.definition import FAIL, PASS, WAIT, Definition, compile_definition
+from sagaflow.core.definition import FAIL, PASS, WAIT
 from sagaflow.core.engine import (
     WORKFLOW_TIMEOUT_KEY,
-    Decision,
     Dispatch,
     Timer,
     decide,
@@ -37,113 +48,7 @@ from sagaflow.core.facts import (
     TimerFired,
     TimerKind,
 )
-from sagaflow.core.manifests import ExecutionPhase, StepPhase, WorkflowSpec
-from sagaflow.core.state import ExecutionState, Failure, StepState, new_execution
-
-T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
-TASK = "demo.task"
-
-E = ExecutionPhase
-S = StepPhase
-
-
-def t(seconds: float) -> datetime:
-    """The fixed clock: `seconds` after T0."""
-    return T0 + timedelta(seconds=seconds)
-
-
-def task(name: str, *depends_on: str, kind: str = TASK, **fields: Any) -> dict[str, Any]:
-    """One step of a manifest; `fields` are camelCase manifest keys (input, retry, ...)."""
-    step: dict[str, Any] = {"name": name, "type": kind}
-    if depends_on:
-        step["dependsOn"] = list(depends_on)
-    step.update(fields)
-    return step
-
-
-def build(
-    steps: list[dict[str, Any]],
-    execution_input: dict[str, Any] | None = None,
-    **workflow: Any,
-) -> tuple[Definition, ExecutionState]:
-    spec = WorkflowSpec.model_validate({"steps": steps, **workflow})
-    definition = compile_definition(spec, name="orders", version=3)
-    state = new_execution(
-        execution_id="exec-1",
-        namespace="shop",
-        name="order-42",
-        workflow="orders",
-        version=3,
-        input=execution_input or {},
-        step_names=tuple(s["name"] for s in steps),
-    )
-    return definition, state
-
-
-class Run:
-    """Feeds facts to the engine one by one and keeps the latest state."""
-
-    def __init__(
-        self,
-        steps: list[dict[str, Any]],
-        execution_input: dict[str, Any] | None = None,
-        **workflow: Any,
-    ) -> None:
-        self.definition, self.state = build(steps, execution_input, **workflow)
-        self.states: list[ExecutionState] = [self.state]
-
-    def __call__(self, fact: Fact, at: float = 0.0) -> Decision:
-        decision = decide(self.state, self.definition, fact, t(at))
-        self.state = decision.state
-        self.states.append(decision.state)
-        return decision
-
-    def start(self, at: float = 0.0) -> Decision:
-        return self(Start(), at)
-
-    def complete(self, step: str, attempt: int, output: Any = None, at: float = 0.0) -> Decision:
-        return self(StepCompleted(step, attempt, {} if output is None else output), at)
-
-    def fail(
-        self,
-        step: str,
-        attempt: int,
-        error_type: str = "Boom",
-        message: str = "kaput",
-        *,
-        retryable: bool = True,
-        at: float = 0.0,
-    ) -> Decision:
-        return self(StepFailed(step, attempt, error_type, message, retryable), at)
-
-    def fire(self, kind: TimerKind, step: str = "", attempt: int = 0, at: float = 0.0) -> Decision:
-        return self(TimerFired(kind, step, attempt), at)
-
-    def step(self, name: str) -> StepState:
-        return self.state.steps[name]
-
-    def phases(self) -> dict[str, StepPhase]:
-        return {name: s.phase for name, s in self.state.steps.items()}
-
-
-def dispatched(decision: Decision) -> list[tuple[str, int]]:
-    return [(d.step, d.attempt) for d in decision.dispatches]
-
-
-def kinds(decision: Decision) -> list[str]:
-    return [r.kind for r in decision.records]
-
-
-def assert_ignored(decision: Decision, before: ExecutionState, reason: str) -> None:
-    assert not decision.applied
-    assert decision.ignored is not None
-    assert reason in decision.ignored
-    assert decision.state is before
-    assert decision.dispatches == ()
-    assert decision.timers == ()
-    assert decision.cancel_timers == ()
-    assert decision.records == ()
-
+from sagaflow.core.state import ExecutionState, Failure, StepState
 
 # ---------------------------------------------------------------------- start
 

@@ -15,20 +15,16 @@ And in every run each attempt's result is applied at most once.
 
 from __future__ import annotations
 
-from collections import Counter
-from datetime import UTC, datetime
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tests.core.harness import NOW, World, fresh, replay
 
 from sagaflow.core.definition import Definition, compile_definition
-from sagaflow.core.engine import Decision, decide
-from sagaflow.core.facts import Fact, Start, StepCompleted, StepFailed, TimerFired
+from sagaflow.core.engine import decide
+from sagaflow.core.facts import Fact, Start
 from sagaflow.core.manifests import WorkflowSpec
-from sagaflow.core.state import ExecutionState, new_execution
-
-NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 @st.composite
@@ -76,60 +72,6 @@ def workflows(draw: st.DrawFn, *, with_failures: bool) -> tuple[Definition, dict
     return compile_definition(spec, name="w", version=1), script
 
 
-def fresh(definition: Definition) -> ExecutionState:
-    return new_execution(
-        execution_id="e1",
-        namespace="default",
-        name="run",
-        workflow="w",
-        version=1,
-        input={"seed": 1},
-        step_names=tuple(s.name for s in definition.steps),
-    )
-
-
-def outcome(script: dict[str, Any], step: str, attempt: int) -> Fact:
-    kind = script[step][min(attempt, len(script[step])) - 1]
-    if kind == "ok":
-        return StepCompleted(step, attempt, {"v": f"{step}#{attempt}"})
-    return StepFailed(step, attempt, "Boom", "scripted", retryable=kind == "retry")
-
-
-class World:
-    """Pending deliverable facts, produced by decisions as a real bus and timer table would."""
-
-    def __init__(self, definition: Definition, script: dict[str, Any]) -> None:
-        self.definition = definition
-        self.script = script
-        self.pending: list[Fact] = []
-        self.timers: dict[str, Fact] = {}
-        self.delivered: list[Fact] = []
-        self.applied_results: Counter[tuple[str, int]] = Counter()
-
-    def absorb(self, decision: Decision) -> None:
-        for key in decision.cancel_timers:
-            fact = self.timers.pop(key, None)
-            if fact in self.pending:
-                self.pending.remove(fact)
-        for timer in decision.timers:
-            old = self.timers.pop(timer.key, None)
-            if old in self.pending:
-                self.pending.remove(old)
-            fact = TimerFired(timer.kind, timer.step, timer.attempt)
-            self.timers[timer.key] = fact
-            self.pending.append(fact)
-        for d in decision.dispatches:
-            self.pending.append(outcome(self.script, d.step, d.attempt))
-
-    def deliver(self, state: ExecutionState, fact: Fact) -> ExecutionState:
-        self.delivered.append(fact)
-        decision = decide(state, self.definition, fact, NOW)
-        if decision.applied and isinstance(fact, StepCompleted | StepFailed):
-            self.applied_results[(fact.step, fact.attempt)] += 1
-        self.absorb(decision)
-        return decision.state
-
-
 def run(definition: Definition, script: dict[str, Any], choose: Any) -> World:
     world = World(definition, script)
     decision = decide(fresh(definition), definition, Start(), NOW)
@@ -142,13 +84,6 @@ def run(definition: Definition, script: dict[str, Any], choose: Any) -> World:
         state = world.deliver(state, fact)
     world.final = state  # type: ignore[attr-defined]
     return world
-
-
-def replay(definition: Definition, facts: list[Fact]) -> ExecutionState:
-    state = decide(fresh(definition), definition, Start(), NOW).state
-    for fact in facts:
-        state = decide(state, definition, fact, NOW).state
-    return state
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

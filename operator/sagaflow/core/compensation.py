@@ -308,7 +308,12 @@ def timer(out: Effects, fact: TimerFired) -> str | None:
         if undo is None or undo.status != "retrying" or undo.attempt != fact.attempt - 1:
             return "compensation retry no longer due"
         if out.state.phase is ExecutionPhase.SUSPENDED:
-            return "suspended: the compensation retry is dispatched on resume"
+            if undo.next_retry_at is not None and undo.next_retry_at <= out.now:
+                return "suspended: the compensation retry is dispatched on resume"
+            # Due now: the resume dispatches it, whatever the clock says by then.
+            assert step is not None
+            out.set_step(replace(step, undo=replace(undo, next_retry_at=out.now)))
+            return None
         if out.state.phase is not COMPENSATING:
             return "execution no longer compensating"
         _dispatch(out, out.definition.step(fact.step))

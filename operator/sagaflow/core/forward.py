@@ -181,7 +181,11 @@ def timer(out: Effects, fact: TimerFired) -> str | None:
         if step is None or step.phase is not StepPhase.RETRYING or step.attempt != fact.attempt - 1:
             return "retry no longer due"
         if out.state.phase is ExecutionPhase.SUSPENDED:
-            return "suspended: the retry is dispatched on resume"
+            if step.next_retry_at is not None and step.next_retry_at <= out.now:
+                return "suspended: the retry is dispatched on resume"
+            # Due now: the resume dispatches it, whatever the clock says by then.
+            out.set_step(replace(step, next_retry_at=out.now))
+            return None
         if out.state.phase is not RUNNING:
             return "execution no longer running"
         dispatch(out, step, out.definition.step(fact.step))
