@@ -20,12 +20,15 @@ async def _no_heartbeat(details: dict[str, Any] | None) -> None:
     return None
 
 
-def attempt_key(execution_id: str, step: str, attempt: int) -> str:
-    """The attempt id, `<execution_id>/<step>/<attempt>`.
+def attempt_key(execution_id: str, step: str, attempt: int, compensation: bool = False) -> str:
+    """The attempt id, `<execution_id>/<step>/<attempt>`, or for the compensation of a
+    step `<execution_id>/<step>/compensate/<attempt>`.
 
     Mirrors the orchestrator's wire contract (message ids derive from it); the SDK
     may not import the orchestrator, so the format is restated here.
     """
+    if compensation:
+        return f"{execution_id}/{step}/compensate/{attempt}"
     return f"{execution_id}/{step}/{attempt}"
 
 
@@ -35,12 +38,17 @@ class StepContext:
     `idempotency_key` is the same every time this attempt is delivered, and differs
     between attempts: pass it to downstream services so a redelivered command does
     not, say, charge a card twice.
+
+    `compensates` names the step this attempt undoes when the handler runs as a
+    step's compensation (then `step` is that step too, `attempt` counts the undo's
+    attempts, and the key is the undo's own); it is None on the forward path.
     """
 
     __slots__ = (
         "_heartbeat",
         "_loop",
         "attempt",
+        "compensates",
         "deadline",
         "execution",
         "execution_id",
@@ -59,6 +67,7 @@ class StepContext:
         heartbeat: HeartbeatCallback | None = None,
         idempotency_key: str | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
+        compensates: str | None = None,
     ) -> None:
         if attempt < 1:
             raise ValueError(f"attempt is 1-based, got {attempt}")
@@ -67,7 +76,10 @@ class StepContext:
         self.step = step
         self.attempt = attempt
         self.deadline = deadline
-        self.idempotency_key = idempotency_key or attempt_key(execution_id, step, attempt)
+        self.compensates = compensates
+        self.idempotency_key = idempotency_key or attempt_key(
+            execution_id, step, attempt, compensates is not None
+        )
         self._heartbeat = heartbeat or _no_heartbeat
         self._loop = loop  # the host's event loop, for heartbeats from a handler's thread
 

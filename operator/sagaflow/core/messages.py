@@ -3,8 +3,10 @@
 Commands go to a queue per step-type prefix (`steps.inventory` for
 `inventory.reserve`); result events come back on one events queue. The session is
 the execution id, so one execution's messages are handled in order. Every message
-id derives from the attempt id (`<execution>/<step>/<attempt>`), so a redelivered
-command or a duplicated result is recognised at every hop.
+id derives from the attempt id (`<execution>/<step>/<attempt>`, and for a step's
+compensation `<execution>/<step>/compensate/<attempt>`), so a redelivered command
+or a duplicated result is recognised at every hop. A compensation's command and
+results carry `"compensation": true`.
 """
 
 from __future__ import annotations
@@ -25,8 +27,35 @@ def commands_queue(step_type: str) -> str:
     return COMMANDS_QUEUE_PREFIX + step_type.split(".", 1)[0]
 
 
-def attempt_id(execution_id: str, step: str, attempt: int) -> str:
+COMPENSATE = "compensate"
+
+
+def attempt_id(execution_id: str, step: str, attempt: int, compensation: bool = False) -> str:
+    if compensation:
+        return f"{execution_id}/{step}/{COMPENSATE}/{attempt}"
     return f"{execution_id}/{step}/{attempt}"
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptId:
+    execution_id: str
+    step: str
+    attempt: int
+    compensation: bool
+
+
+def parse_attempt_id(text: str) -> AttemptId | None:
+    """The parts of an attempt id (message ids start with one); None if it is not one.
+
+    Step names hold no '/', so the step is the second part; execution ids are uuids."""
+    parts = text.split("/")
+    if len(parts) < 3 or not parts[0] or not parts[1]:
+        return None
+    compensation = parts[2] == COMPENSATE
+    number = parts[3] if compensation and len(parts) > 3 else parts[2]
+    if not number.isdigit():
+        return None
+    return AttemptId(parts[0], parts[1], int(number), compensation)
 
 
 class MalformedMessageError(ValueError):
@@ -43,25 +72,27 @@ class ExecuteStep:
     input: dict[str, Any]
     deadline: str | None  # ISO-8601, when the attempt times out
     heartbeat_timeout: float | None  # seconds
+    compensation: bool = False  # undoes `step`; `attempt` numbers the undo's attempts
 
     @property
     def attempt_id(self) -> str:
-        return attempt_id(self.execution_id, self.step, self.attempt)
+        return attempt_id(self.execution_id, self.step, self.attempt, self.compensation)
 
     def encode(self) -> bytes:
-        return _dumps(
-            {
-                "kind": "ExecuteStep",
-                "executionId": self.execution_id,
-                "execution": self.execution,
-                "step": self.step,
-                "attempt": self.attempt,
-                "type": self.type,
-                "input": self.input,
-                "deadline": self.deadline,
-                "heartbeatTimeout": self.heartbeat_timeout,
-            }
-        )
+        body = {
+            "kind": "ExecuteStep",
+            "executionId": self.execution_id,
+            "execution": self.execution,
+            "step": self.step,
+            "attempt": self.attempt,
+            "type": self.type,
+            "input": self.input,
+            "deadline": self.deadline,
+            "heartbeatTimeout": self.heartbeat_timeout,
+        }
+        if self.compensation:
+            body["compensation"] = True
+        return _dumps(body)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,10 +108,11 @@ class StepResult:
     error_message: str | None = None
     retryable: bool = True
     sequence: int = 0  # heartbeats count up so each has its own message id
+    compensation: bool = False
 
     @property
     def message_id(self) -> str:
-        base = attempt_id(self.execution_id, self.step, self.attempt)
+        base = attempt_id(self.execution_id, self.step, self.attempt, self.compensation)
         if self.kind == "StepHeartbeat":
             return f"{base}/heartbeat/{self.sequence}"
         return f"{base}/result"
@@ -92,6 +124,8 @@ class StepResult:
             "step": self.step,
             "attempt": self.attempt,
         }
+        if self.compensation:
+            body["compensation"] = True
         if self.kind == "StepCompleted":
             body["output"] = self.output if self.output is not None else {}
         elif self.kind == "StepFailed":
@@ -119,6 +153,7 @@ def decode_command(body: bytes) -> ExecuteStep:
             input=_obj(data, "input"),
             deadline=data.get("deadline"),
             heartbeat_timeout=data.get("heartbeatTimeout"),
+            compensation=_flag(data, "compensation"),
         )
     except (KeyError, TypeError) as exc:
         raise MalformedMessageError(str(exc)) from exc
@@ -145,6 +180,7 @@ def decode_result(body: bytes) -> StepResult:
         _str(data, "step"),
         _int(data, "attempt"),
     )
+    compensation = _flag(data, "compensation")
     if kind == "StepCompleted":
         output = _obj(data, "output")
         problem = output_problem(output, body)
@@ -157,8 +193,11 @@ def decode_result(body: bytes) -> StepResult:
                 error_type="InvalidOutput",
                 error_message=problem,
                 retryable=False,
+                compensation=compensation,
             )
-        return StepResult("StepCompleted", execution_id, step, attempt, output=output)
+        return StepResult(
+            "StepCompleted", execution_id, step, attempt, output=output, compensation=compensation
+        )
     if kind == "StepFailed":
         error = _obj(data, "error")
         return StepResult(
@@ -169,8 +208,12 @@ def decode_result(body: bytes) -> StepResult:
             error_type=scrub_text(_str(error, "type", clean=False)),
             error_message=scrub_text(str(error.get("message", ""))),
             retryable=bool(error.get("retryable", True)),
+            compensation=compensation,
         )
-    return StepResult("StepHeartbeat", execution_id, step, attempt, sequence=_int(data, "sequence"))
+    sequence = _int(data, "sequence")
+    return StepResult(
+        "StepHeartbeat", execution_id, step, attempt, sequence=sequence, compensation=compensation
+    )
 
 
 # What may hide a value Postgres cannot store, in encoded JSON: the constants Python
@@ -219,6 +262,13 @@ def _int(data: dict[str, Any], key: str) -> int:
     value = data.get(key)
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise MalformedMessageError(f"{key}: expected a non-negative integer")
+    return value
+
+
+def _flag(data: dict[str, Any], key: str) -> bool:
+    value = data.get(key, False)
+    if not isinstance(value, bool):
+        raise MalformedMessageError(f"{key}: expected true or false")
     return value
 
 

@@ -36,6 +36,7 @@ from sagaflow.core.manifests import (
     StepSpec,
     Workflow,
 )
+from sagaflow.core.saga_validation import saga_problems, skip_compensation_problems
 
 KINDS = ("Workflow", "Execution")
 # libyaml's loader where PyYAML was built with it: ten times faster on big files.
@@ -204,6 +205,7 @@ def validate_workflow(
         problems += _template_problems(step.input, f"{base}.input")
         problems += _reference_problems(step, f"{base}.input", first_index, upstream[step.name])
         problems += _type_problems(step, base, is_known_type)
+    problems += saga_problems(steps, first_index, upstream, is_known_type)
     problems += _template_problems(workflow.spec.output, "spec.output")
     for at, names in expressions.template_references(workflow.spec.output, "spec.output"):
         problems += [(at, f"unknown step '{n}'") for n in sorted(names) if n not in first_index]
@@ -478,6 +480,11 @@ def _workflow_ref_problems(
     known = set(existing_workflows) | {
         (item.namespace, item.name) for item in checked if item.kind == "Workflow" and item.name
     }
+    valid = {
+        (item.namespace, item.name): item.model
+        for item in checked
+        if isinstance(item.model, Workflow) and not item.problems
+    }
     for item in checked:
         if not isinstance(item.model, Execution):
             continue
@@ -485,3 +492,7 @@ def _workflow_ref_problems(
         if (item.namespace, ref) not in known:
             reason = f"unknown Workflow '{ref}' in namespace '{item.namespace}'"
             item.problems.append(("spec.workflowRef.name", reason))
+        workflow = valid.get((item.namespace, ref))
+        if workflow is not None:
+            names = [s.name for s in workflow.spec.steps]
+            item.problems += skip_compensation_problems(item.model.spec.skip_compensation, names)

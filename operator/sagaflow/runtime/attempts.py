@@ -133,12 +133,15 @@ def failed(cmd: ExecuteStep, error_type: str, message: str, retryable: bool) -> 
 
 
 def result(cmd: ExecuteStep, kind: ResultKind, **fields: Any) -> StepResult:
-    return StepResult(kind, cmd.execution_id, cmd.step, cmd.attempt, **fields)
+    return StepResult(
+        kind, cmd.execution_id, cmd.step, cmd.attempt, compensation=cmd.compensation, **fields
+    )
 
 
 def who(cmd: ExecuteStep) -> str:
+    what = f"compensation of {cmd.step}" if cmd.compensation else cmd.step
     return (
-        f"{cmd.step} of execution {cmd.execution} (id={cmd.execution_id}, "
+        f"{what} of execution {cmd.execution} (id={cmd.execution_id}, "
         f"attempt {cmd.attempt}, type {cmd.type})"
     )
 

@@ -26,8 +26,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from sagaflow.adapters.postgres import reads
-from sagaflow.adapters.postgres.store import Applied
-from sagaflow.core.engine import decide
 from sagaflow.core.facts import StepFailed
 from sagaflow.core.messages import (
     EVENTS_QUEUE,
@@ -35,8 +33,10 @@ from sagaflow.core.messages import (
     StepResult,
     decode_command,
     decode_result,
+    parse_attempt_id,
 )
 from sagaflow.core.ports import MessageLockLostError, ReceivedDeadLetter, ReceivedMessage
+from sagaflow.runtime.control import apply_one
 from sagaflow.runtime.outages import describe
 
 if TYPE_CHECKING:
@@ -63,7 +63,9 @@ async def _reject(
 ) -> None:
     reason = f"its {result.kind} event {msg.message_id} could not be applied: {describe(error)}"
     log.error("rejecting event %s: %s", msg.message_id, reason, exc_info=error)
-    fact = StepFailed(result.step, result.attempt, "ResultRejected", reason, retryable=False)
+    fact = StepFailed(
+        result.step, result.attempt, "ResultRejected", reason, False, result.compensation
+    )
     try:
         await _fail_attempt(o, result.execution_id, fact, msg.message_id, [msg])
     except Exception:
@@ -78,27 +80,10 @@ async def _fail_attempt(
     inbox_id: str,
     settle: Sequence[ReceivedMessage],
 ) -> bool:
-    """Apply `fact` to its execution in a transaction of its own, recorded in the inbox
-    under `inbox_id` and settling `settle`; False when that id was seen before."""
-    now = o.clock()
-    async with o._transaction() as tx:
-        conn = tx.conn
-        fresh = await o.store.claim_inbox(conn, [(inbox_id, execution_id)], now)
-        states = await o.store.lock_executions(conn, [execution_id]) if fresh else {}
-        state = states.get(execution_id)
-        if fresh and state is None:
-            await o.store.record_outcomes(conn, [(inbox_id, "ignored: unknown execution")])
-        elif state is not None:
-            definition = await o.store.definition(
-                conn, state.namespace, state.workflow, state.version
-            )
-            decision = decide(state, definition, fact, now)
-            await o._commit(tx, [Applied(execution_id, decision, inbox_id)], now)
-        if o.transactional:
-            await o.bus.complete_in(conn, settle)  # type: ignore[attr-defined]
-    if not o.transactional:
-        await o.bus.complete(settle)
-    return bool(fresh)
+    """Apply `fact` in a transaction of its own (`control.apply_one`); False when its
+    inbox id was seen before."""
+    _, fresh = await apply_one(o, execution_id, fact, inbox_id, settle)
+    return fresh
 
 
 async def handle_dead_letters(o: Orchestrator) -> int:
@@ -126,7 +111,7 @@ async def _handle(o: Orchestrator, received: ReceivedDeadLetter) -> None:
         )
         await o.bus.complete([received.message])
         return
-    execution_id, step, attempt, kind = what
+    execution_id, step, attempt, undo, kind = what
     if kind == "StepHeartbeat":
         log.info(
             "heartbeat %s was dead-lettered (%s): heartbeats are advisory", letter.message_id, told
@@ -138,7 +123,7 @@ async def _handle(o: Orchestrator, received: ReceivedDeadLetter) -> None:
     log.warning(
         "step %s of execution %s attempt %d failed: %s", step, execution_id, attempt, reason
     )
-    fact = StepFailed(step, attempt, "DeadLettered", reason, retryable=False)
+    fact = StepFailed(step, attempt, "DeadLettered", reason, False, undo)
     try:
         await _fail_attempt(
             o, execution_id, fact, letter.message_id + DEAD_LETTER_INBOX_SUFFIX, [received.message]
@@ -152,23 +137,22 @@ async def _handle(o: Orchestrator, received: ReceivedDeadLetter) -> None:
         await o.bus.complete([received.message])
 
 
-def _what(queue: str, body: bytes, message_id: str) -> tuple[str, str, int, str] | None:
-    """(execution id, step, attempt, message kind) of a dead letter, from its body, else
-    from its message id (`<execution>/<step>/<attempt>[/result|/heartbeat/<n>]`)."""
+def _what(queue: str, body: bytes, message_id: str) -> tuple[str, str, int, bool, str] | None:
+    """(execution id, step, attempt, compensation, message kind) of a dead letter, from
+    its body, else from its message id (an attempt id, then `/result` or
+    `/heartbeat/<n>` on the events queue)."""
     try:
         if queue == EVENTS_QUEUE:
             r = decode_result(body)
-            return r.execution_id, r.step, r.attempt, r.kind
+            return r.execution_id, r.step, r.attempt, r.compensation, r.kind
         c = decode_command(body)
-        return c.execution_id, c.step, c.attempt, "ExecuteStep"
+        return c.execution_id, c.step, c.attempt, c.compensation, "ExecuteStep"
     except MalformedMessageError:
         pass
-    parts = message_id.split("/")
-    if queue == EVENTS_QUEUE:
-        kind = "StepHeartbeat" if "heartbeat" in parts[3:4] else "StepCompleted"
-        parts = parts[:3]
-    else:
-        kind = "ExecuteStep"
-    if len(parts) != 3 or not parts[2].isdigit() or not all(parts):
+    found = parse_attempt_id(message_id)
+    if found is None:
         return None
-    return parts[0], parts[1], int(parts[2]), kind
+    kind = "ExecuteStep"
+    if queue == EVENTS_QUEUE:
+        kind = "StepHeartbeat" if "/heartbeat/" in message_id else "StepCompleted"
+    return found.execution_id, found.step, found.attempt, found.compensation, kind

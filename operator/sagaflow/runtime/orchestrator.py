@@ -47,6 +47,7 @@ from sagaflow.adapters.postgres.store import (
 from sagaflow.core.engine import Decision, decide
 from sagaflow.core.facts import (
     Cancel,
+    Control,
     Fact,
     Start,
     StepCompleted,
@@ -74,7 +75,7 @@ from sagaflow.core.ports import (
     utc_now,
 )
 from sagaflow.core.state import ExecutionState, new_execution
-from sagaflow.runtime import faults
+from sagaflow.runtime import control, faults
 from sagaflow.runtime.claimcheck import ClaimCheck
 from sagaflow.runtime.loops import run_loops
 from sagaflow.runtime.outages import OutageWatch
@@ -92,11 +93,13 @@ class StartRequest:
     name: str
     workflow: str
     input: dict[str, Any]
+    suspend: bool = False  # created suspended (spec.suspend)
 
 
 def result_fact(result: StepResult) -> Fact:
+    undo = result.compensation
     if result.kind == "StepCompleted":
-        return StepCompleted(result.step, result.attempt, result.output or {})
+        return StepCompleted(result.step, result.attempt, result.output or {}, undo)
     if result.kind == "StepFailed":
         return StepFailed(
             result.step,
@@ -104,8 +107,9 @@ def result_fact(result: StepResult) -> Fact:
             result.error_type or "Error",
             result.error_message or "",
             result.retryable,
+            undo,
         )
-    return StepHeartbeat(result.step, result.attempt)
+    return StepHeartbeat(result.step, result.attempt, undo)
 
 
 def command_messages(state: ExecutionState, decision: Decision) -> list[OutgoingMessage]:
@@ -126,11 +130,12 @@ def command_messages(state: ExecutionState, decision: Decision) -> list[Outgoing
             input=d.input,
             deadline=d.deadline.isoformat() if d.deadline else None,
             heartbeat_timeout=d.heartbeat_timeout,
+            compensation=d.compensation,
         )
         messages.append(
             OutgoingMessage(
                 queue=commands_queue(d.type),
-                message_id=attempt_id(state.execution_id, d.step, d.attempt),
+                message_id=command.attempt_id,
                 session_id=f"{state.execution_id}/{d.step}",
                 body=command.encode(),
             )
@@ -192,6 +197,7 @@ class Orchestrator:
         input: dict[str, Any],
         *,
         execution_id: str | None = None,
+        suspend: bool = False,
     ) -> tuple[ExecutionState, bool]:
         """Start an execution once; a repeated start returns the existing one unchanged.
 
@@ -222,7 +228,7 @@ class Orchestrator:
                 if found is None:
                     raise NameInUseError(f"execution {namespace}/{name} is held by another run")
                 return found, False
-            decision = decide(state, definition, Start(), now)
+            decision = decide(state, definition, Start(suspend), now)
             await self._commit(tx, [Applied(state.execution_id, decision)], now)
         return decision.state, True
 
@@ -235,7 +241,7 @@ class Orchestrator:
             found = await self.store.live_executions(
                 conn, [(r.namespace, r.name) for r in requests]
             )
-            new: list[tuple[ExecutionState, Any]] = []
+            new: list[tuple[ExecutionState, Any, bool]] = []
             definitions: dict[tuple[str, str], Any] = {}
             for r in requests:
                 if (r.namespace, r.name) in found:
@@ -256,11 +262,11 @@ class Orchestrator:
                     input=r.input,
                     step_names=tuple(s.name for s in definition.steps),
                 )
-                new.append((state, definition))
-            inserted = await self.store.insert_executions(conn, [s for s, _ in new], now)
+                new.append((state, definition, r.suspend))
+            inserted = await self.store.insert_executions(conn, [s for s, _, _ in new], now)
             decisions = [
-                decide(state, definition, Start(), now)
-                for state, definition in new
+                decide(state, definition, Start(suspend), now)
+                for state, definition, suspend in new
                 if state.execution_id in inserted
             ]
             await self._commit(tx, [Applied(d.state.execution_id, d) for d in decisions], now)
@@ -281,25 +287,28 @@ class Orchestrator:
             return await self.store.get_execution_by_id(conn, execution_id)
         return await self.store.get_execution(conn, namespace, name)
 
+    async def control(
+        self,
+        namespace: str,
+        name: str,
+        fact: Control,
+        request_id: str,
+        *,
+        execution_id: str | None = None,
+    ) -> control.Outcome | None:
+        """Apply a control request once per `request_id` (`control.py`); None if unknown."""
+        return await control.request(
+            self, namespace, name, fact, request_id, execution_id=execution_id
+        )
+
     async def cancel(
         self, namespace: str, name: str, reason: str, *, execution_id: str | None = None
     ) -> ExecutionState | None:
-        """Cancel a running execution: nothing further is dispatched. None if unknown."""
-        now = self.clock()
-        async with self._transaction() as tx:
-            conn = tx.conn
-            found = await self._find(conn, namespace, name, execution_id)
-            if found is None:
-                return None
-            state = (await self.store.lock_executions(conn, [found.execution_id]))[
-                found.execution_id
-            ]
-            definition = await self.store.definition(
-                conn, state.namespace, state.workflow, state.version
-            )
-            decision = decide(state, definition, Cancel(reason), now)
-            await self._commit(tx, [Applied(state.execution_id, decision)], now)
-        return decision.state
+        """Cancel an execution (compensating per the workflow's policy). None if unknown."""
+        outcome = await self.control(
+            namespace, name, Cancel(reason), control.request_id(), execution_id=execution_id
+        )
+        return None if outcome is None else outcome.state
 
     # -- one pass of each loop ---------------------------------------------------------
     async def consume_once(self, max_wait: float) -> int:
@@ -462,7 +471,7 @@ class Orchestrator:
             replace(
                 d,
                 input=await self.claim_check.offload(
-                    d.input, f"{attempt_id(eid, d.step, d.attempt)}/input"
+                    d.input, f"{attempt_id(eid, d.step, d.attempt, d.compensation)}/input"
                 ),
             )
             for d in decision.dispatches

@@ -372,6 +372,7 @@ class RunnerWorker:
             heartbeat=attempt.heartbeat,
             idempotency_key=cmd.attempt_id,
             loop=asyncio.get_running_loop(),
+            compensates=cmd.step if cmd.compensation else None,
         )
         timeout = asyncio.timeout(self._seconds_left(deadline))
         lock_seconds = (attempt.message.locked_until - attempt.started_at).total_seconds()

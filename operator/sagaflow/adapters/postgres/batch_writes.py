@@ -54,19 +54,21 @@ async def write_history(
 
 
 async def write_attempts(
-    conn: asyncpg.Connection, rows: dict[tuple[str, str, int], list[Any]]
+    conn: asyncpg.Connection, rows: dict[tuple[str, str, bool, int], list[Any]]
 ) -> None:
+    """Attempt rows keyed (execution, step, compensation, attempt), each as
+    [execution, step, compensation, attempt, status, dispatched, finished, type, message]."""
     if not rows:
         return
     cols = list(zip(*rows.values(), strict=True))
     await conn.execute(
-        "INSERT INTO sagaflow_step_attempts (execution_id, step, attempt, status, "
-        "dispatched_at, finished_at, error_type, error_message) "
-        "SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], "
-        "$5::timestamptz[], $6::timestamptz[], $7::text[], $8::text[]) "
-        "ON CONFLICT (execution_id, step, attempt) DO UPDATE SET status = excluded.status, "
-        "finished_at = excluded.finished_at, error_type = excluded.error_type, "
-        "error_message = excluded.error_message",
+        "INSERT INTO sagaflow_step_attempts (execution_id, step, compensation, attempt, "
+        "status, dispatched_at, finished_at, error_type, error_message) "
+        "SELECT * FROM unnest($1::text[], $2::text[], $3::boolean[], $4::int[], $5::text[], "
+        "$6::timestamptz[], $7::timestamptz[], $8::text[], $9::text[]) "
+        "ON CONFLICT (execution_id, step, compensation, attempt) DO UPDATE SET "
+        "status = excluded.status, finished_at = excluded.finished_at, "
+        "error_type = excluded.error_type, error_message = excluded.error_message",
         *[list(c) for c in cols],
     )
 

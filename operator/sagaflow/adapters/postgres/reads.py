@@ -23,7 +23,7 @@ from typing import Any
 import asyncpg
 
 from sagaflow.core.manifests import ExecutionPhase
-from sagaflow.core.messages import COMMANDS_QUEUE_PREFIX, commands_queue
+from sagaflow.core.messages import COMMANDS_QUEUE_PREFIX, commands_queue, parse_attempt_id
 from sagaflow.core.state import ExecutionState
 
 _TERMINAL = [p.value for p in ExecutionPhase if p.is_terminal]
@@ -144,19 +144,19 @@ async def executions_by_id(conn: asyncpg.Connection, ids: Sequence[str]) -> list
 
 
 async def attempt_statuses(conn: asyncpg.Connection, attempt_ids: Sequence[str]) -> dict[str, str]:
-    """attempt id (`<execution>/<step>/<attempt>`) -> status, for the attempts the state
-    has dispatched; ids it does not know are missing from the result."""
+    """attempt id (`<execution>/<step>[/compensate]/<attempt>`) -> status, for the attempts
+    the state has dispatched; ids it does not know are missing from the result."""
     parts = []
-    for attempt_id in attempt_ids:
-        pieces = attempt_id.rsplit("/", 2)
-        if len(pieces) == 3 and pieces[2].isdigit():
-            parts.append((attempt_id, pieces[0], pieces[1], int(pieces[2])))
+    for text in attempt_ids:
+        found = parse_attempt_id(text)
+        if found is not None:
+            parts.append((text, found.execution_id, found.step, found.compensation, found.attempt))
     if not parts:
         return {}
     rows = await conn.fetch(
-        "SELECT k.id, a.status FROM unnest($1::text[], $2::text[], $3::text[], $4::int[]) "
-        "AS k(id, e, s, n) JOIN sagaflow_step_attempts a "
-        "ON a.execution_id = k.e AND a.step = k.s AND a.attempt = k.n",
+        "SELECT k.id, a.status FROM unnest($1::text[], $2::text[], $3::text[], $4::boolean[], "
+        "$5::int[]) AS k(id, e, s, c, n) JOIN sagaflow_step_attempts a "
+        "ON a.execution_id = k.e AND a.step = k.s AND a.compensation = k.c AND a.attempt = k.n",
         *[list(column) for column in zip(*parts, strict=True)],
     )
     return {r["id"]: r["status"] for r in rows}

@@ -32,11 +32,16 @@ EXECUTIONS_CHANNEL = "sagaflow_executions"
 OUTBOX_CHANNEL = "sagaflow_outbox"
 _REMEMBERED_MAX = 100_000  # states kept for skipping decodes; cleared when exceeded
 
+# History kinds that start or settle an attempt: (status, whether it is a compensation).
 _ATTEMPT_STATUS = {
-    "StepDispatched": "Running",
-    "StepSucceeded": "Succeeded",
-    "StepFailed": "Failed",
-    "StepRetrying": "Failed",
+    "StepDispatched": ("Running", False),
+    "StepSucceeded": ("Succeeded", False),
+    "StepFailed": ("Failed", False),
+    "StepRetrying": ("Failed", False),
+    "StepCompensating": ("Running", True),
+    "StepCompensated": ("Succeeded", True),
+    "StepCompensationFailed": ("Failed", True),
+    "StepCompensationRetrying": ("Failed", True),
 }
 
 
@@ -381,7 +386,7 @@ class PostgresStore:
         """Persist a batch of decisions: states, history, attempts, timers, inbox outcomes."""
         finals: dict[str, ExecutionState] = {}
         history: list[tuple[str, str, str | None, int | None, str, str | None]] = []
-        attempts: dict[tuple[str, str, int], list[Any]] = {}
+        attempts: dict[tuple[str, str, bool, int], list[Any]] = {}
         timers: dict[tuple[str, str], Timer | None] = {}
         outcomes: list[tuple[str, str]] = []
         for item in applied:
@@ -428,7 +433,7 @@ class PostgresStore:
 
     @staticmethod
     def _attempt_row(
-        rows: dict[tuple[str, str, int], list[Any]],
+        rows: dict[tuple[str, str, bool, int], list[Any]],
         eid: str,
         state: ExecutionState,
         kind: str,
@@ -436,17 +441,20 @@ class PostgresStore:
         attempt: int | None,
         now: datetime,
     ) -> None:
-        status = _ATTEMPT_STATUS.get(kind)
-        if status is None or step is None or attempt is None:
+        found = _ATTEMPT_STATUS.get(kind)
+        if found is None or step is None or attempt is None:
             return
-        key = (eid, step, attempt)
-        row = rows.setdefault(key, [eid, step, attempt, status, now, None, None, None])
-        row[3] = status
+        status, undo = found
+        key = (eid, step, undo, attempt)
+        row = rows.setdefault(key, [eid, step, undo, attempt, status, now, None, None, None])
+        row[4] = status
         if status != "Running":
-            error = state.steps[step].error
-            row[5] = now
-            row[6] = error.type if error and status == "Failed" else None
-            row[7] = error.message if error and status == "Failed" else None
+            settled = state.steps[step]
+            error = settled.undo.error if undo and settled.undo else settled.error
+            failed = error is not None and status == "Failed"
+            row[6] = now
+            row[7] = error.type if failed and error else None
+            row[8] = error.message if failed and error else None
 
 
 def new_execution_id() -> str:
