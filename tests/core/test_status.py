@@ -6,10 +6,12 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from tests.core.harness import Run, task
+
 from sagaflow.adapters.postgres.mirror_rows import HistoryRow
 from sagaflow.core.definition import compile_definition
 from sagaflow.core.engine import decide
-from sagaflow.core.facts import Start, StepCompleted, StepFailed
+from sagaflow.core.facts import Resume, Start, StepCompleted, StepFailed
 from sagaflow.core.manifests import ExecutionStatus, WorkflowSpec
 from sagaflow.core.state import ExecutionState, new_execution
 from sagaflow.core.status import (
@@ -134,3 +136,54 @@ def test_history_rows_become_events_named_after_the_row() -> None:
     done = HistoryRow(44, at, "ExecutionCompleted", None, None, "done")
     normal = event_for(done, namespace="ns", name="run", execution_id="e", instance="i")
     assert normal is not None and normal["type"] == "Normal"
+
+
+# ------------------------------------------------------------------ sagas
+
+
+def _saga_run() -> Run:
+    once = {"type": "demo.undo", "retry": {"maxAttempts": 1}}
+    run = Run([task("a", compensate=once), task("b", "a")])
+    run.start()
+    run.complete("a", 1, {"id": "A"}, at=1)
+    run.fail("b", 1, "Declined", "card declined", retryable=False, at=2)
+    return run
+
+
+def test_the_status_of_a_failed_compensation_names_the_step_and_what_to_do() -> None:
+    run = _saga_run()
+    run(StepFailed("a", 1, "Down", "warehouse offline", False, compensation=True), at=3)
+
+    status = execution_status(run.state)
+
+    assert status["phase"] == "CompensationFailed"
+    assert status["error"] == {
+        "type": "Declined",
+        "message": "step b failed: card declined",
+        "step": "b",
+    }
+    a = next(s for s in status["steps"] if s["name"] == "a")
+    assert a["phase"] == "CompensationFailed"
+    assert a["compensation"]["attempts"] == 1
+    assert a["compensation"]["error"] == {"type": "Down", "message": "warehouse offline"}
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "False"
+    assert ready["reason"] == "CompensationFailed"
+    assert "step a failed: Down: warehouse offline; redrive" in ready["message"]
+    succeeded = next(c for c in status["conditions"] if c["type"] == "Succeeded")
+    assert (succeeded["status"], succeeded["reason"]) == ("False", "CompensationFailed")
+    assert "finishedAt" not in status  # settled, not finished
+
+
+def test_a_compensating_step_is_current_and_a_refused_request_is_a_condition() -> None:
+    run = _saga_run()
+    run(Resume(), at=4)
+
+    status = execution_status(run.state)
+
+    assert status["phase"] == "Compensating"
+    assert status["currentSteps"] == ["a"]
+    request = next(c for c in status["conditions"] if c["type"] == "Request")
+    assert request["status"] == "False"
+    assert request["reason"] == "ResumeRefused"
+    assert "not suspended" in request["message"]

@@ -3,8 +3,12 @@
 Pure and shared: local mode prints it, the operator mirrors it into the custom
 resource. Status is a view of Postgres; history stays in the database. Conditions
 follow Kubernetes API conventions: `Succeeded` (Unknown while running, then True or
-False) and `Ready` (False while a step waits to retry or the run has failed). An
-output stored by reference shows as `outputRef` (uri, size, sha256), never its payload.
+False), `Ready` (False while a step or a compensation waits to retry, while the run
+is suspended, and once it has failed: the reason says which) and, once a control
+request was made, `Request` (whether the last one was accepted, and why not). A
+step being undone shows its compensation's attempts and error under `compensation`.
+An output stored by reference shows as `outputRef` (uri, size, sha256), never its
+payload.
 
 `bounded_status` keeps what the operator writes to the object under a size budget
 whatever the step count and output sizes: Kubernetes objects must stay under 1 MB.
@@ -23,7 +27,10 @@ _SUCCEEDED = {
     ExecutionPhase.COMPLETED: ("True", "Completed"),
     ExecutionPhase.FAILED: ("False", "Failed"),
     ExecutionPhase.CANCELLED: ("False", "Cancelled"),
+    ExecutionPhase.COMPENSATED: ("False", "Compensated"),
+    ExecutionPhase.COMPENSATION_FAILED: ("False", "CompensationFailed"),
 }
+_CURRENT = (StepPhase.RUNNING, StepPhase.RETRYING, StepPhase.COMPENSATING)
 
 
 def _ts(value: Any) -> str | None:
@@ -42,6 +49,23 @@ def step_status(step: StepState) -> dict[str, Any]:
         out.update(_output(step.output))
     if step.error is not None:
         out["error"] = step.error.to_json()
+    if step.undo is not None and step.undo.attempt:
+        out["compensation"] = _undo_status(step)
+    return out
+
+
+def _undo_status(step: StepState) -> dict[str, Any]:
+    undo = step.undo
+    assert undo is not None
+    out: dict[str, Any] = {"attempts": undo.attempt}
+    if undo.started_at:
+        out["startedAt"] = _ts(undo.started_at)
+    if undo.finished_at:
+        out["finishedAt"] = _ts(undo.finished_at)
+    if undo.next_retry_at and undo.status == "retrying":
+        out["nextRetryAt"] = _ts(undo.next_retry_at)
+    if undo.error is not None:
+        out["error"] = undo.error.to_json()
     return out
 
 
@@ -52,9 +76,19 @@ def _output(value: Any) -> dict[str, Any]:
 
 
 def current_steps(state: ExecutionState) -> list[str]:
-    return [
-        s.name for s in state.steps.values() if s.phase in (StepPhase.RUNNING, StepPhase.RETRYING)
-    ]
+    """Steps running, waiting to retry, or being undone."""
+    return [s.name for s in state.steps.values() if s.phase in _CURRENT]
+
+
+def _retries(state: ExecutionState) -> list[Any]:
+    at = []
+    for s in state.steps.values():
+        if s.phase is StepPhase.RETRYING and s.next_retry_at is not None:
+            at.append(s.next_retry_at)
+        undo = s.undo
+        if undo is not None and undo.status == "retrying" and undo.next_retry_at is not None:
+            at.append(undo.next_retry_at)
+    return at
 
 
 def execution_status(state: ExecutionState) -> dict[str, Any]:
@@ -68,18 +102,21 @@ def execution_status(state: ExecutionState) -> dict[str, Any]:
     if current:
         status["currentSteps"] = current
     status["steps"] = [step_status(s) for s in state.steps.values()]
-    retries = [
-        s.next_retry_at
-        for s in state.steps.values()
-        if s.phase is StepPhase.RETRYING and s.next_retry_at is not None
-    ]
+    retries = _retries(state)
     if retries and not state.phase.is_terminal:
         status["nextRetryAt"] = _ts(min(retries))
     if state.output is not None:
         status.update(_output(state.output))
     if state.error is not None:
         status["error"] = state.error.to_json()
+    if state.redrives:
+        status["redrives"] = state.redrives
     status["conditions"] = [_succeeded(state), _ready(state)]
+    if state.request is not None:
+        r = state.request
+        reason = f"{r.kind}{'Accepted' if r.accepted else 'Refused'}"
+        verdict = "True" if r.accepted else "False"
+        status["conditions"].append(condition("Request", verdict, reason, r.message, r.at))
     status["revision"] = state.revision
     return status
 
@@ -101,6 +138,12 @@ def _ready(state: ExecutionState) -> dict[str, Any]:
             state.error.message if state.error else f"execution {state.phase.value.lower()}",
             state.finished_at,
         )
+    if state.phase is ExecutionPhase.SUSPENDED:
+        under = (state.resume_phase or ExecutionPhase.RUNNING).value
+        message = f"suspended while {under}: nothing new is dispatched until it is resumed"
+        return condition("Ready", "False", "Suspended", message, _since(state))
+    if state.phase is ExecutionPhase.COMPENSATION_FAILED:
+        return condition("Ready", "False", "CompensationFailed", *_undo_failure(state))
     retrying = [s for s in state.steps.values() if s.phase is StepPhase.RETRYING]
     if retrying:
         step = min(retrying, key=lambda s: (s.next_retry_at is None, s.next_retry_at, s.name))
@@ -110,6 +153,17 @@ def _ready(state: ExecutionState) -> dict[str, Any]:
             message += f"; retry at {_ts(step.next_retry_at)}"
         at = step.finished_at or step.attempt_started_at or state.started_at
         return condition("Ready", "False", "StepRetrying", message, at)
+    undoing = [s for s in state.steps.values() if s.undo and s.undo.status == "retrying"]
+    if undoing:
+        step = undoing[0]
+        assert step.undo is not None
+        undo_error = step.undo.error
+        message = f"compensation of step {step.name} attempt {step.undo.attempt} failed"
+        if undo_error is not None:
+            message += f": {undo_error.type}: {undo_error.message}"
+        if step.undo.next_retry_at is not None:
+            message += f"; retry at {_ts(step.undo.next_retry_at)}"
+        return condition("Ready", "False", "CompensationRetrying", message, _since(state))
     return condition(
         "Ready",
         "True",
@@ -117,6 +171,24 @@ def _ready(state: ExecutionState) -> dict[str, Any]:
         f"execution {state.phase.value.lower()}",
         state.started_at,
     )
+
+
+def _since(state: ExecutionState) -> Any:
+    return state.request.at if state.request is not None else state.started_at
+
+
+def _undo_failure(state: ExecutionState) -> tuple[str, Any]:
+    """Which compensation failed, and how (what a person must act on), and when."""
+    for step in state.steps.values():
+        if step.phase is StepPhase.COMPENSATION_FAILED and step.undo is not None:
+            error = step.undo.error
+            told = f": {error.type}: {error.message}" if error is not None else ""
+            message = (
+                f"compensation of step {step.name} failed{told}; redrive to retry it, "
+                "or list it in spec.skipCompensation once undone by hand"
+            )
+            return message, step.undo.finished_at
+    return "compensation failed", _since(state)
 
 
 def condition(kind: str, status: str, reason: str, message: str, at: Any) -> dict[str, Any]:
@@ -200,7 +272,7 @@ def bounded_status(status: dict[str, Any], budget: int = MAX_STATUS_BYTES) -> di
             step["outputTruncated"] = True
     if _size(out) <= budget:
         return out
-    keep = {StepPhase.RUNNING.value, StepPhase.RETRYING.value, StepPhase.FAILED.value}
+    keep = {p.value for p in (*_CURRENT, StepPhase.FAILED, StepPhase.COMPENSATION_FAILED)}
     out["steps"] = [s for s in steps if s.get("phase") in keep]
     if _size(out) <= budget:
         return out
