@@ -45,6 +45,19 @@ async def charge(input: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
     return {"paymentId": _id("pay", ctx), "amount": input["amount"], "customer": input["customer"]}
 
 
+@step("inventory.release")
+async def release(input: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    # Runs as the compensation of reserve-inventory: ctx.compensates names that step.
+    return {"released": input["reservationId"], "undid": ctx.compensates}
+
+
+@step("payments.refund")
+async def refund(input: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    return {"refundId": _id("ref", ctx), "refunded": input["amount"], "undid": ctx.compensates}
+
+
 @step("shipping.create")
 async def ship(input: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    if "Atlantis" in input["address"]:
+        raise PermanentError("no carrier delivers to this address", type="AddressRejected")
     return {"trackingNumber": _id("trk", ctx), "address": input["address"], "note": input["note"]}

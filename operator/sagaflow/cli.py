@@ -1,7 +1,8 @@
-"""The `sagaflow` command: `run` (local mode), `operator` (in a cluster), `runner`, `prune`.
+"""The `sagaflow` command: `run` (local mode), `operator` (in a cluster), `runner`, `prune`,
+and the control verbs `suspend`, `resume`, `cancel`, `redrive`, `skip-compensation`.
 
-Exit codes: 0 all executions completed, 1 some did not, 2 invalid input or
-configuration (nothing was started).
+Exit codes: 0 all executions completed (a control request took effect), 1 some did
+not (the request was refused), 2 invalid input or configuration (nothing was done).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from sagaflow.settings import SettingsError, load_settings
 
@@ -83,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
         help="the embedded Postgres and local payloads of this state dir "
         "(the database is ignored when SAGAFLOW_DATABASE_URL is set)",
     )
+    _control_parsers(sub)
     topology = sub.add_parser(
         "servicebus-topology",
         help="create the session-enabled Service Bus queues (events, steps.<prefix>)",
@@ -96,6 +99,49 @@ def _parser() -> argparse.ArgumentParser:
         help="a step-type prefix served by runners, e.g. inventory (repeatable)",
     )
     return parser
+
+
+_CONTROL_HELP = {
+    "suspend": "suspend an execution: nothing new is dispatched until it is resumed",
+    "resume": "resume a suspended execution",
+    "cancel": "cancel an execution: what it did is undone (the workflow's onCancel)",
+    "redrive": "retry a Failed run from its failure (successes kept), or the failed "
+    "compensations of a CompensationFailed one",
+    "skip-compensation": "pass over a step's compensation (undone by hand), so the rest goes on",
+}
+
+
+def _control_parsers(sub: Any) -> None:
+    for verb, help_text in _CONTROL_HELP.items():
+        parser = sub.add_parser(verb, help=help_text, description=help_text)
+        parser.add_argument("name", metavar="NAME", help="the execution's name")
+        parser.add_argument("-n", "--namespace", default="default")
+        parser.add_argument(
+            "--state-dir",
+            type=Path,
+            default=DEFAULT_STATE_DIR,
+            help="the state of `sagaflow run` (ignored when SAGAFLOW_DATABASE_URL is set)",
+        )
+        if verb == "redrive":
+            parser.add_argument(
+                "--latest",
+                action="store_true",
+                help="move the run onto the workflow's current version (every step that "
+                "succeeded must still exist in it)",
+            )
+            parser.add_argument(
+                "-f",
+                "--filename",
+                dest="files",
+                action="append",
+                type=Path,
+                default=[],
+                help="store the Workflows of this file first (repeatable), e.g. a fixed one",
+            )
+        if verb == "skip-compensation":
+            parser.add_argument(
+                "--step", dest="steps", action="append", required=True, help="(repeatable)"
+            )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -122,6 +168,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         from sagaflow.local.topology import run_topology
 
         return asyncio.run(run_topology(args.prefixes, settings))
+    if args.command in _CONTROL_HELP:
+        from sagaflow.local.control import run_control
+
+        return asyncio.run(
+            run_control(
+                args.command,
+                args.name,
+                args.namespace,
+                args.state_dir,
+                settings,
+                latest=getattr(args, "latest", False),
+                steps=getattr(args, "steps", ()),
+                files=getattr(args, "files", ()),
+            )
+        )
     if args.command == "prune":
         from sagaflow.local.prune import run_prune
 

@@ -110,6 +110,7 @@ def redrive(out: Effects, fact: Redrive) -> str | None:
             finished_at=None,
             cancelled=False,
             redrives=redrives,
+            outcome=None,
         )
         kept = [n for n, s in out.state.steps.items() if s.phase is StepPhase.SUCCEEDED]
         message = f"redrive {redrives}{moved}: running {', '.join(rerun) or 'nothing'} again"
@@ -119,7 +120,7 @@ def redrive(out: Effects, fact: Redrive) -> str | None:
         forward.advance(out)
         return None
     names = compensation.retry_failed(out)
-    out.state = replace(out.state, redrives=redrives)
+    out.state = replace(out.state, redrives=redrives, outcome=None)
     message = f"redrive {redrives}{moved}: retrying the compensation of {', '.join(names)}"
     out.record("ExecutionRedriven", message)
     out.answer("Redrive", True, message)

@@ -126,6 +126,7 @@ def stop_forward(out: Effects) -> None:
 def end(out: Effects, phase: ExecutionPhase, detail: str = "") -> None:
     """Announce a terminal or settled phase; `state.error` keeps the original cause."""
     set_phase(out, phase)
+    out.state = replace(out.state, outcome=detail or None)
     if phase.is_terminal:
         out.state = replace(out.state, finished_at=out.now)
     message = f"execution {phase.value.lower()}"

@@ -182,6 +182,19 @@ class ExecutionState:
     redrives: int = 0  # redrives carried out
     redrive_requests: int = 0  # the highest redrive number asked for (spec.redrive)
     request: Request | None = None
+    # How the run came to rest, beyond its error: what was undone, or why nothing was.
+    outcome: str | None = None
+
+    @property
+    def at_rest(self) -> bool:
+        """Nothing happens until someone acts: terminal, CompensationFailed, or Suspended
+        with no step or compensation in flight (their results still come in)."""
+        if self.phase is ExecutionPhase.SUSPENDED:
+            return not any(
+                s.phase is StepPhase.RUNNING or (s.undo is not None and s.undo.status == "running")
+                for s in self.steps.values()
+            )
+        return self.phase.at_rest
 
     @property
     def underlying_phase(self) -> ExecutionPhase:
@@ -232,6 +245,8 @@ class ExecutionState:
             out["redriveRequests"] = self.redrive_requests
         if self.request is not None:
             out["request"] = self.request.to_json()
+        if self.outcome is not None:
+            out["outcome"] = self.outcome
         return out
 
     @classmethod
@@ -257,6 +272,7 @@ class ExecutionState:
             redrives=data.get("redrives", 0),
             redrive_requests=data.get("redriveRequests", 0),
             request=Request.from_json(data.get("request")),
+            outcome=data.get("outcome"),
         )
 
 

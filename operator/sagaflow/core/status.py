@@ -31,6 +31,14 @@ _SUCCEEDED = {
     ExecutionPhase.COMPENSATION_FAILED: ("False", "CompensationFailed"),
 }
 _CURRENT = (StepPhase.RUNNING, StepPhase.RETRYING, StepPhase.COMPENSATING)
+# A step undone (or being undone) keeps the output it had.
+_HAS_OUTPUT = (
+    StepPhase.SUCCEEDED,
+    StepPhase.COMPENSATING,
+    StepPhase.COMPENSATED,
+    StepPhase.COMPENSATION_FAILED,
+    StepPhase.COMPENSATION_SKIPPED,
+)
 
 
 def _ts(value: Any) -> str | None:
@@ -45,7 +53,7 @@ def step_status(step: StepState) -> dict[str, Any]:
         out["finishedAt"] = _ts(step.finished_at)
     if step.next_retry_at and step.phase is StepPhase.RETRYING:
         out["nextRetryAt"] = _ts(step.next_retry_at)
-    if step.phase is StepPhase.SUCCEEDED and step.output is not None:
+    if step.phase in _HAS_OUTPUT and step.output is not None:
         out.update(_output(step.output))
     if step.error is not None:
         out["error"] = step.error.to_json()
@@ -132,18 +140,14 @@ def _ready(state: ExecutionState) -> dict[str, Any]:
     if state.phase.is_terminal:
         ok = state.phase is ExecutionPhase.COMPLETED
         return condition(
-            "Ready",
-            "True" if ok else "False",
-            state.phase.value,
-            state.error.message if state.error else f"execution {state.phase.value.lower()}",
-            state.finished_at,
+            "Ready", "True" if ok else "False", state.phase.value, _ended(state), state.finished_at
         )
     if state.phase is ExecutionPhase.SUSPENDED:
         under = (state.resume_phase or ExecutionPhase.RUNNING).value
         message = f"suspended while {under}: nothing new is dispatched until it is resumed"
         return condition("Ready", "False", "Suspended", message, _since(state))
     if state.phase is ExecutionPhase.COMPENSATION_FAILED:
-        return condition("Ready", "False", "CompensationFailed", *_undo_failure(state))
+        return condition("Ready", "False", "CompensationFailed", *undo_failure(state))
     retrying = [s for s in state.steps.values() if s.phase is StepPhase.RETRYING]
     if retrying:
         step = min(retrying, key=lambda s: (s.next_retry_at is None, s.next_retry_at, s.name))
@@ -173,11 +177,21 @@ def _ready(state: ExecutionState) -> dict[str, Any]:
     )
 
 
+def _ended(state: ExecutionState) -> str:
+    """The cause, and what came of it (what was undone, or why nothing was)."""
+    parts = [state.error.message] if state.error else []
+    if state.outcome:
+        if parts and parts[0] in state.outcome:
+            return state.outcome
+        parts.append(state.outcome)
+    return "; ".join(parts) or f"execution {state.phase.value.lower()}"
+
+
 def _since(state: ExecutionState) -> Any:
     return state.request.at if state.request is not None else state.started_at
 
 
-def _undo_failure(state: ExecutionState) -> tuple[str, Any]:
+def undo_failure(state: ExecutionState) -> tuple[str, Any]:
     """Which compensation failed, and how (what a person must act on), and when."""
     for step in state.steps.values():
         if step.phase is StepPhase.COMPENSATION_FAILED and step.undo is not None:

@@ -26,7 +26,9 @@ from typing import TextIO, TypeVar
 from sagaflow.adapters.postgres.notify import Notifications
 from sagaflow.adapters.postgres.reads import RunView
 from sagaflow.adapters.postgres.store import EXECUTIONS_CHANNEL
+from sagaflow.core.facts import Cancel, Control, SkipCompensation
 from sagaflow.core.ports import Bus
+from sagaflow.core.state import ExecutionState
 from sagaflow.local.output import SHOWN_RUNNING, SMALL_RUN, Progress, Snapshot
 from sagaflow.runtime.claimcheck import ClaimCheck
 from sagaflow.runtime.orchestrator import Orchestrator, StartRequest
@@ -100,7 +102,8 @@ async def drive(
     interrupts: Interrupts,
     err: TextIO,
 ) -> list[str]:
-    """Run until every execution is terminal or a signal stops the run; the ids started."""
+    """Run until every execution is at rest (terminal, CompensationFailed, or suspended
+    with nothing in flight) or a signal stops the run; the ids started."""
     loops_stop, worker_stop = asyncio.Event(), asyncio.Event()
     loops = asyncio.create_task(orchestrator.run(loops_stop, dsn), name="orchestrator")
     tasks = [loops]
@@ -198,7 +201,8 @@ async def _snapshot(view: RunView, requested: int, live: bool, since: datetime |
     else:
         rows = await view.unfinished(SHOWN_RUNNING)
     finished = [] if live else await view.finished_since(since)
-    return Snapshot(requested, started, counts, rows, finished)
+    done = await view.finished_count()
+    return Snapshot(requested, started, counts, rows, done, finished)
 
 
 async def _start_all(
@@ -216,7 +220,27 @@ async def _start_all(
             await asyncio.sleep(_ADMIT_EVERY)
             finished = await _retrying(orchestrator, view.finished_count)
         states = await _retrying(orchestrator, functools.partial(orchestrator.start_many, chunk))
+        for request, state in zip(chunk, states, strict=True):
+            await _asked_in_manifest(orchestrator, request, state)
         await view.add([s.execution_id for s in states])
+
+
+async def _asked_in_manifest(
+    orchestrator: Orchestrator, request: StartRequest, state: ExecutionState
+) -> None:
+    """spec.cancel and spec.skipCompensation of a file, as the cluster applies them: once
+    per execution (the request ids are the execution's), so running again adds nothing."""
+    eid = state.execution_id
+    asked: list[tuple[Control, str]] = []
+    if request.skip_compensation:
+        asked.append((SkipCompensation(request.skip_compensation), f"{eid}/spec.skipCompensation"))
+    if request.cancel:
+        asked.append((Cancel("spec.cancel set"), f"{eid}/spec.cancel"))
+    for fact, request_id in asked:
+        call = functools.partial(
+            orchestrator.control, state.namespace, state.name, fact, request_id, execution_id=eid
+        )
+        await _retrying(orchestrator, call)
 
 
 async def _retrying(orchestrator: Orchestrator, call: Callable[[], Awaitable[T]]) -> T:

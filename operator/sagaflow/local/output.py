@@ -25,9 +25,9 @@ from typing import Any, TextIO
 import yaml
 
 from sagaflow.adapters.postgres.reads import Finished
-from sagaflow.core.manifests import StepPhase
+from sagaflow.core.manifests import ExecutionPhase, StepPhase
 from sagaflow.core.state import ExecutionState
-from sagaflow.core.status import execution_object
+from sagaflow.core.status import execution_object, undo_failure
 
 # A run this small is shown whole; a larger one as counts and its oldest running rows.
 SMALL_RUN = 20
@@ -54,9 +54,10 @@ def _duration(state: ExecutionState, now: datetime) -> str:
 
 def current_detail(state: ExecutionState, now: datetime) -> str:
     """Where a running execution is: each running step with its attempt and how long it
-    has run, each retrying one with when it tries again."""
+    has run, each retrying one with when it tries again; the same for compensations."""
     parts = []
     for s in state.steps.values():
+        undo = s.undo
         if s.phase is StepPhase.RUNNING:
             since = s.attempt_started_at or s.started_at or now
             parts.append(
@@ -65,17 +66,34 @@ def current_detail(state: ExecutionState, now: datetime) -> str:
         elif s.phase is StepPhase.RETRYING and s.next_retry_at is not None:
             wait = max(0.0, (s.next_retry_at - now).total_seconds())
             parts.append(f"{s.name} (attempt {s.attempt + 1} in {_seconds(wait)})")
+        elif undo is not None and undo.status == "running":
+            since = undo.attempt_started_at or now
+            took = _seconds((now - since).total_seconds())
+            parts.append(f"undoing {s.name} (attempt {undo.attempt}, {took})")
+        elif undo is not None and undo.status == "retrying" and undo.next_retry_at is not None:
+            wait = max(0.0, (undo.next_retry_at - now).total_seconds())
+            parts.append(f"undoing {s.name} (attempt {undo.attempt + 1} in {_seconds(wait)})")
     return "at " + ", ".join(parts) if parts else ""
+
+
+def _detail(state: ExecutionState, now: datetime) -> str:
+    """What a person needs to know: what to act on, why it failed, or where it is."""
+    if state.phase is ExecutionPhase.COMPENSATION_FAILED:
+        return undo_failure(state)[0]
+    parts = []
+    if state.phase is ExecutionPhase.SUSPENDED:
+        parts.append("suspended; resume it with `sagaflow resume`")
+    if state.error is not None:
+        parts.append(f"{state.error.type}: {state.error.message}")
+    if not state.at_rest or state.phase is ExecutionPhase.SUSPENDED:
+        parts.append(current_detail(state, now))
+    return "; ".join(p for p in parts if p)
 
 
 def _row(state: ExecutionState, now: datetime) -> list[str]:
     done = sum(1 for s in state.steps.values() if s.phase is StepPhase.SUCCEEDED)
-    attempts = sum(s.attempt for s in state.steps.values())
-    detail = ""
-    if state.error is not None:
-        detail = f"{state.error.type}: {state.error.message}"
-    elif not state.phase.is_terminal:
-        detail = current_detail(state, now)
+    attempts = sum(s.attempt + (s.undo.attempt if s.undo else 0) for s in state.steps.values())
+    detail = _detail(state, now)
     return [
         state.namespace,
         state.name,
@@ -166,14 +184,9 @@ class Snapshot:
     started: int
     counts: dict[str, int]
     rows: list[ExecutionState]  # every execution of a small run, else the oldest going
-    finished: list[Finished] = field(default_factory=list)  # newly terminal, for logs
-
-    @property
-    def done(self) -> int:
-        return sum(n for phase, n in self.counts.items() if phase in _TERMINAL)
-
-
-_TERMINAL = {"Completed", "Failed", "Cancelled"}
+    # Executions at rest (terminal, CompensationFailed, suspended and idle).
+    done: int = 0
+    finished: list[Finished] = field(default_factory=list)  # newly at rest, for logs
 
 
 class Progress:
@@ -206,15 +219,13 @@ class Progress:
             self._lines = text.count("\n") + 1
         else:
             finished = snapshot.finished or [
-                Finished(s.execution_id, s.key, s.phase.value)
-                for s in snapshot.rows
-                if s.phase.is_terminal
+                Finished(s.execution_id, s.key, s.phase.value) for s in snapshot.rows if s.at_rest
             ]
             for f in finished:
                 if f.execution_id not in self._reported:
                     self._reported.add(f.execution_id)
                     self.stream.write(f"{f.key}: {f.phase}\n")
-            going = [s for s in snapshot.rows if not s.phase.is_terminal]
+            going = [s for s in snapshot.rows if not s.at_rest]
             if going and self._clock() - self._said_waiting >= self._waiting_every:
                 self._said_waiting = self._clock()
                 shown = "; ".join(f"{s.key} {current_detail(s, now)}" for s in going[:5])

@@ -7,6 +7,12 @@ idempotently by (namespace, name), so running again with the same state dir resu
 unfinished executions instead of starting them anew, and never re-runs a completed
 attempt.
 
+It runs until every execution is at rest: terminal (Completed, Failed, Compensated,
+Cancelled) or settled (CompensationFailed; Suspended with nothing in flight). A
+control command (`sagaflow suspend|resume|cancel|redrive|skip-compensation`,
+`local/control.py`) against the same state is picked up at once; running again after
+a resume or a redrive carries the executions on.
+
 Exit codes: 0 every execution Completed, 1 some did not, 2 invalid input (nothing
 was started), 130 / 143 stopped by SIGINT / SIGTERM (the listing shows where each
 execution stands; running again resumes them).
@@ -25,6 +31,7 @@ from typing import TextIO
 from sagaflow.adapters.postgres import reads
 from sagaflow.adapters.postgres.store import PostgresStore
 from sagaflow.core.definition import BUILTIN_TYPES
+from sagaflow.core.manifests import ExecutionPhase
 from sagaflow.core.state import ExecutionState
 from sagaflow.local.drive import Interrupts, drive
 from sagaflow.local.inputs import InvalidInputError, load_manifests
@@ -87,7 +94,13 @@ async def run_local(
         ]
         requests = [
             StartRequest(
-                e.metadata.namespace, e.metadata.name, e.spec.workflow_ref.name, e.spec.input
+                e.metadata.namespace,
+                e.metadata.name,
+                e.spec.workflow_ref.name,
+                e.spec.input,
+                suspend=e.spec.suspend,
+                cancel=e.spec.cancel,
+                skip_compensation=e.spec.skip_compensation,
             )
             for _, e in manifests.executions
         ]
@@ -132,8 +145,7 @@ async def run_local(
     finally:
         interrupts.uninstall()
     if interrupts.code is not None:
-        left = len(requests) - counts.get("Completed", 0) - counts.get("Failed", 0)
-        left -= counts.get("Cancelled", 0)
+        left = len(requests) - sum(n for p, n in counts.items() if ExecutionPhase(p).at_rest)
         print(
             f"stopped before the end: {left} execution(s) not finished; "
             f"run again with --state-dir {state_dir} to resume them",

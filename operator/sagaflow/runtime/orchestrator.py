@@ -42,14 +42,12 @@ from sagaflow.adapters.postgres.errors import database_unavailable
 from sagaflow.adapters.postgres.store import (
     Applied,
     PostgresStore,
-    new_execution_id,
 )
 from sagaflow.core.engine import Decision, decide
 from sagaflow.core.facts import (
     Cancel,
     Control,
     Fact,
-    Start,
     StepCompleted,
     StepFailed,
     StepHeartbeat,
@@ -74,26 +72,14 @@ from sagaflow.core.ports import (
     TransactionalBus,
     utc_now,
 )
-from sagaflow.core.state import ExecutionState, new_execution
-from sagaflow.runtime import control, faults
+from sagaflow.core.state import ExecutionState
+from sagaflow.runtime import control, faults, starts
 from sagaflow.runtime.claimcheck import ClaimCheck
 from sagaflow.runtime.loops import run_loops
 from sagaflow.runtime.outages import OutageWatch
+from sagaflow.runtime.starts import StartRequest as StartRequest
 
 log = logging.getLogger("sagaflow.orchestrator")
-
-
-class NameInUseError(Exception):
-    """Another live execution holds the name a new one was to start under."""
-
-
-@dataclass(frozen=True, slots=True)
-class StartRequest:
-    namespace: str
-    name: str
-    workflow: str
-    input: dict[str, Any]
-    suspend: bool = False  # created suspended (spec.suspend)
 
 
 def result_fact(result: StepResult) -> Fact:
@@ -199,93 +185,13 @@ class Orchestrator:
         execution_id: str | None = None,
         suspend: bool = False,
     ) -> tuple[ExecutionState, bool]:
-        """Start an execution once; a repeated start returns the existing one unchanged.
-
-        Keyed by `execution_id` when given (a custom resource's uid), else by the
-        name. NameInUseError when another live execution holds the name.
-        """
-        now = self.clock()
-        async with self._transaction() as tx:
-            conn = tx.conn
-            existing = await self._find(conn, namespace, name, execution_id)
-            if existing is not None:
-                return existing, False
-            version = await self.store.current_version(conn, namespace, workflow)
-            if version is None:
-                raise LookupError(f"workflow {namespace}/{workflow} does not exist")
-            definition = await self.store.definition(conn, namespace, workflow, version)
-            state = new_execution(
-                execution_id=execution_id or new_execution_id(),
-                namespace=namespace,
-                name=name,
-                workflow=workflow,
-                version=version,
-                input=input,
-                step_names=tuple(s.name for s in definition.steps),
-            )
-            if not await self.store.insert_execution(conn, state, now):
-                found = await self._find(conn, namespace, name, execution_id)
-                if found is None:
-                    raise NameInUseError(f"execution {namespace}/{name} is held by another run")
-                return found, False
-            decision = decide(state, definition, Start(suspend), now)
-            await self._commit(tx, [Applied(state.execution_id, decision)], now)
-        return decision.state, True
+        """Start an execution once (`starts.start`): (its state, whether it started now)."""
+        request = StartRequest(namespace, name, workflow, input, suspend=suspend)
+        return await starts.start(self, request, execution_id)
 
     async def start_many(self, requests: Sequence[StartRequest]) -> list[ExecutionState]:
-        """Start many executions by name in one transaction (idempotent like `start`):
-        the state of each, started now or found. LookupError for an unknown workflow."""
-        now = self.clock()
-        async with self._transaction() as tx:
-            conn = tx.conn
-            found = await self.store.live_executions(
-                conn, [(r.namespace, r.name) for r in requests]
-            )
-            new: list[tuple[ExecutionState, Any, bool]] = []
-            definitions: dict[tuple[str, str], Any] = {}
-            for r in requests:
-                if (r.namespace, r.name) in found:
-                    continue
-                definition = definitions.get((r.namespace, r.workflow))
-                if definition is None:
-                    version = await self.store.current_version(conn, r.namespace, r.workflow)
-                    if version is None:
-                        raise LookupError(f"workflow {r.namespace}/{r.workflow} does not exist")
-                    definition = await self.store.definition(conn, r.namespace, r.workflow, version)
-                    definitions[(r.namespace, r.workflow)] = definition
-                state = new_execution(
-                    execution_id=new_execution_id(),
-                    namespace=r.namespace,
-                    name=r.name,
-                    workflow=r.workflow,
-                    version=definition.version,
-                    input=r.input,
-                    step_names=tuple(s.name for s in definition.steps),
-                )
-                new.append((state, definition, r.suspend))
-            inserted = await self.store.insert_executions(conn, [s for s, _, _ in new], now)
-            decisions = [
-                decide(state, definition, Start(suspend), now)
-                for state, definition, suspend in new
-                if state.execution_id in inserted
-            ]
-            await self._commit(tx, [Applied(d.state.execution_id, d) for d in decisions], now)
-        started = {(d.state.namespace, d.state.name): d.state for d in decisions}
-        if len(started) + len(found) < len(requests):
-            async with self.pool.acquire() as conn:  # lost a race for a name: read the winner
-                found |= await self.store.live_executions(
-                    conn, [(r.namespace, r.name) for r in requests]
-                )
-        return [
-            started.get((r.namespace, r.name)) or found[(r.namespace, r.name)] for r in requests
-        ]
-
-    async def _find(
-        self, conn: Any, namespace: str, name: str, execution_id: str | None
-    ) -> ExecutionState | None:
-        if execution_id is not None:
-            return await self.store.get_execution_by_id(conn, execution_id)
-        return await self.store.get_execution(conn, namespace, name)
+        """Start many executions by name in one transaction (`starts.start_many`)."""
+        return await starts.start_many(self, requests)
 
     async def control(
         self,

@@ -17,7 +17,10 @@ from datetime import datetime
 
 import asyncpg
 
+from sagaflow.core.manifests import ExecutionPhase
 from sagaflow.core.state import ExecutionState
+
+_TERMINAL = [p.value for p in ExecutionPhase if p.is_terminal]
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,12 +152,13 @@ async def expired(conn: asyncpg.Connection, now: datetime, limit: int) -> Sequen
             "SELECT k.execution_id, k.namespace, k.name "
             "FROM sagaflow_kube_executions k JOIN sagaflow_executions e USING (execution_id) "
             "WHERE k.released_at IS NULL AND k.ttl_seconds IS NOT NULL "
-            "AND e.phase IN ('Completed', 'Failed', 'Cancelled') "
+            "AND e.phase = ANY($3::text[]) "
             "AND (e.state->>'finishedAt')::timestamptz "
             "+ make_interval(secs => k.ttl_seconds) <= $1 "
             "ORDER BY k.execution_id LIMIT $2",
             now,
             limit,
+            _TERMINAL,
         )
     )
 

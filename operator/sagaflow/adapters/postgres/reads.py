@@ -26,7 +26,14 @@ from sagaflow.core.manifests import ExecutionPhase
 from sagaflow.core.messages import COMMANDS_QUEUE_PREFIX, commands_queue, parse_attempt_id
 from sagaflow.core.state import ExecutionState
 
-_TERMINAL = [p.value for p in ExecutionPhase if p.is_terminal]
+# At rest: nothing happens until someone acts (`ExecutionState.at_rest`). A suspended
+# execution is at rest once no step or compensation of it is in flight.
+_AT_REST = (
+    "(e.phase = ANY($1::text[]) OR (e.phase = 'Suspended' "
+    """AND NOT e.state->'steps' @> '[{"phase": "Running"}]' """
+    """AND NOT e.state->'steps' @> '[{"undo": {"status": "running"}}]'))"""
+)
+_RESTING = [p.value for p in ExecutionPhase if p.at_rest and p is not ExecutionPhase.SUSPENDED]
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,32 +97,34 @@ class RunView:
         return {r["phase"]: r["n"] for r in rows}
 
     async def finished_count(self) -> int:
+        """Executions at rest: terminal, CompensationFailed, or Suspended with nothing in
+        flight. A run is over when all of its executions are."""
         rows = await self._fetch(
             "SELECT count(*) AS n FROM run_executions r JOIN sagaflow_executions e "
-            "USING (execution_id) WHERE e.phase = ANY($1::text[])",
-            _TERMINAL,
+            f"USING (execution_id) WHERE {_AT_REST}",
+            _RESTING,
         )
         return int(rows[0]["n"])
 
     async def unfinished(self, limit: int) -> list[ExecutionState]:
-        """Up to `limit` executions still going, those created first first."""
+        """Up to `limit` executions not at rest, those created first first."""
         rows = await self._fetch(
             "SELECT e.state FROM run_executions r JOIN sagaflow_executions e "
-            "USING (execution_id) WHERE NOT e.phase = ANY($1::text[]) "
+            f"USING (execution_id) WHERE NOT {_AT_REST} "
             "ORDER BY e.created_at, e.execution_id LIMIT $2",
-            _TERMINAL,
+            _RESTING,
             limit,
         )
         return [ExecutionState.from_json(json.loads(r["state"])) for r in rows]
 
     async def finished_since(self, since: datetime | None) -> list[Finished]:
-        """Executions that are terminal and last changed at or after `since`."""
+        """Executions at rest that last changed at or after `since`."""
         rows = await self._fetch(
             "SELECT e.execution_id, e.namespace || '/' || e.name AS key, e.phase "
             "FROM run_executions r JOIN sagaflow_executions e USING (execution_id) "
-            "WHERE e.phase = ANY($1::text[]) AND ($2::timestamptz IS NULL OR e.updated_at >= $2) "
+            f"WHERE {_AT_REST} AND ($2::timestamptz IS NULL OR e.updated_at >= $2) "
             "ORDER BY e.updated_at",
-            _TERMINAL,
+            _RESTING,
             since,
         )
         return [Finished(r["execution_id"], r["key"], r["phase"]) for r in rows]

@@ -22,7 +22,9 @@ from datetime import datetime
 
 import asyncpg
 
-FINISHED_PHASES = ("Completed", "Failed", "Cancelled")
+from sagaflow.core.manifests import ExecutionPhase
+
+FINISHED_PHASES = tuple(p.value for p in ExecutionPhase if p.is_terminal)
 
 
 @dataclass(frozen=True, slots=True)

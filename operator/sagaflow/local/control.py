@@ -1,0 +1,144 @@
+"""`sagaflow suspend|resume|cancel|redrive|skip-compensation NAME`: control a stored run.
+
+They act on the same state as `sagaflow run` (the embedded Postgres of `--state-dir`,
+or SAGAFLOW_DATABASE_URL) and may run beside it: the request commits with its effect
+(the commands it dispatches, the timers it sets), so a `sagaflow run` that is
+running picks it up at once, and a later one carries the execution on. Each
+invocation is one request: a request whose effect already holds is a no-op.
+
+`redrive --latest` moves the run onto the workflow's current version; with `-f` the
+Workflows of those files are validated and stored first, so a fixed Workflow and
+its redrive are one command.
+
+Exit codes: 0 the request took effect or already held, 1 it was refused (the reason
+is printed, and recorded in the run's history), 2 invalid input (an unknown
+execution or step, a bad file).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+from sagaflow.adapters.postgres.store import PostgresStore
+from sagaflow.core.facts import Cancel, Control, Redrive, Resume, SkipCompensation, Suspend
+from sagaflow.core.manifests import WorkflowSpec
+from sagaflow.core.validation import Document, parse_documents, validate_documents
+from sagaflow.runtime import control
+from sagaflow.runtime.orchestrator import Orchestrator
+from sagaflow.settings import Settings
+from sagaflow.wiring.buses import make_bus
+from sagaflow.wiring.database import open_database
+from sagaflow.wiring.payloads import make_claim_check
+from sagaflow.wiring.problems import InvalidInputError
+
+EXIT_OK, EXIT_REFUSED, EXIT_INVALID = 0, 1, 2
+VERBS = ("suspend", "resume", "cancel", "redrive", "skip-compensation")
+
+
+def request_of(verb: str, *, latest: bool = False, steps: Sequence[str] = ()) -> Control:
+    if verb == "suspend":
+        return Suspend()
+    if verb == "resume":
+        return Resume()
+    if verb == "cancel":
+        return Cancel("cancelled with sagaflow cancel")
+    if verb == "redrive":
+        return Redrive(to_latest=latest)
+    return SkipCompensation(tuple(steps))
+
+
+async def run_control(
+    verb: str,
+    name: str,
+    namespace: str,
+    state_dir: Path,
+    settings: Settings,
+    *,
+    latest: bool = False,
+    steps: Sequence[str] = (),
+    files: Sequence[Path] = (),
+    out: TextIO = sys.stdout,
+    err: TextIO = sys.stderr,
+) -> int:
+    fact = request_of(verb, latest=latest, steps=steps)
+    try:
+        workflows = _workflows(files)
+        if not settings.database_url and not (state_dir / "postgres").exists():
+            raise InvalidInputError([f"--state-dir {state_dir}: no state here (nothing has run)"])
+        claim_check = make_claim_check(settings, state_dir)
+        try:
+            async with open_database(settings, state_dir, pool_size=2) as db:
+                bus = make_bus(settings, db.pool)
+                orchestrator = Orchestrator(PostgresStore(db.pool), bus, claim_check=claim_check)
+                try:
+                    for wf_namespace, wf_name, spec in workflows:
+                        version, created = await orchestrator.apply_workflow(
+                            wf_namespace, wf_name, spec
+                        )
+                        if created:
+                            print(f"workflow {wf_namespace}/{wf_name}: v{version} stored", file=out)
+                    outcome = await _apply(orchestrator, namespace, name, fact)
+                finally:
+                    await bus.close()
+                    await orchestrator.outages.close()
+        finally:
+            await claim_check.close()
+    except InvalidInputError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=err)
+        return EXIT_INVALID
+    key = f"{namespace}/{name}"
+    if outcome.result == "refused":
+        print(f"error: {verb} {key} refused: {outcome.message}", file=err)
+        return EXIT_REFUSED
+    said = outcome.message or "done"
+    what = "already so" if outcome.result == "noop" else "accepted"
+    print(f"{verb} {key}: {what}: {said}; the execution is {outcome.state.phase.value}", file=out)
+    return EXIT_OK
+
+
+async def _apply(o: Orchestrator, namespace: str, name: str, fact: Control) -> control.Outcome:
+    if isinstance(fact, SkipCompensation):
+        async with o.pool.acquire() as conn:
+            state = await o.store.get_execution(conn, namespace, name)
+        if state is not None:
+            unknown = [s for s in fact.steps if s not in state.steps]
+            if unknown:
+                known = ", ".join(state.steps)
+                raise InvalidInputError(
+                    [
+                        f"--step {s}: execution {namespace}/{name} has no such step ({known})"
+                        for s in unknown
+                    ]
+                )
+    outcome = await o.control(namespace, name, fact, control.request_id())
+    if outcome is None:
+        raise InvalidInputError([f"no execution {namespace}/{name} in this state"])
+    return outcome
+
+
+def _workflows(files: Sequence[Path]) -> list[tuple[str, str, WorkflowSpec]]:
+    """The Workflows of `files`, validated (InvalidInputError naming every problem)."""
+    if not files:
+        return []
+    documents: list[Document] = []
+    problems: list[str] = []
+    for path in files:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append(f"{path}: cannot read: {exc}")
+            continue
+        docs, errors = parse_documents(text, str(path))
+        documents += [d for d in docs if d.body.get("kind") == "Workflow"]
+        problems += [str(e) for e in errors]
+    result = validate_documents(documents)
+    problems += [str(e) for e in result.errors]
+    if not problems and not result.workflows:
+        problems.append(f"-f {', '.join(map(str, files))}: no Workflow found")
+    if problems:
+        raise InvalidInputError(problems)
+    return [(w.metadata.namespace, w.metadata.name, w.spec) for _, w in result.workflows]
