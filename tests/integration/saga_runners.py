@@ -34,8 +34,9 @@ def _log(ctx: StepContext, event: str) -> None:
 
 async def _behave(input: dict[str, Any], ctx: StepContext) -> None:
     gate = input.get("gate")
-    while gate and not (FILES / gate).exists():
-        await asyncio.sleep(0.02)  # a gate the test opens by creating the file
+    # The test opens the gate from another process, by creating the file.
+    while gate and not (FILES / gate).exists():  # noqa: ASYNC110
+        await asyncio.sleep(0.02)
     if input.get("slow"):
         await asyncio.sleep(float(input["slow"]))
     if input.get("failWhile") and (FILES / input["failWhile"]).exists():

@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,8 +85,8 @@ class Saga:
 
 
 @pytest.fixture
-def saga(pg_database: str, tmp_path: Path) -> Iterator[Saga]:
-    yield Saga(pg_database, tmp_path)
+def saga(pg_database: str, tmp_path: Path) -> Saga:
+    return Saga(pg_database, tmp_path)
 
 
 def window(calls: list[dict[str, Any]], step: str, undo: bool) -> tuple[float, float]:
@@ -106,8 +106,10 @@ def workflow(name: str, steps: str, spec: str = "") -> str:
     return f"kind: Workflow\nmetadata: {{name: {name}}}\nspec:\n{spec}  steps:\n{steps}"
 
 
-def execution(name: str, workflow: str, spec: str = "") -> str:
-    return f"kind: Execution\nmetadata: {{name: {name}}}\nspec: {{workflowRef: {{name: {workflow}}}{spec}}}"
+def execution(name: str, workflow: str) -> str:
+    return (
+        f"kind: Execution\nmetadata: {{name: {name}}}\nspec: {{workflowRef: {{name: {workflow}}}}}"
+    )
 
 
 UNDO = "compensate: {type: saga.undo, input: {saw: '${{ steps.%s.output }}'}}"
@@ -126,8 +128,10 @@ SHAPES = manifest(
         "diamond",
         """
   - {name: root, type: saga.work, compensate: {type: saga.undo}}
-  - {name: left, type: saga.work, dependsOn: [root], compensate: {type: saga.undo, input: {slow: 0.3}}}
-  - {name: right, type: saga.work, dependsOn: [root], compensate: {type: saga.undo, input: {slow: 0.3}}}
+  - {name: left, type: saga.work, dependsOn: [root],
+     compensate: {type: saga.undo, input: {slow: 0.3}}}
+  - {name: right, type: saga.work, dependsOn: [root],
+     compensate: {type: saga.undo, input: {slow: 0.3}}}
   - {name: end, type: saga.work, dependsOn: [left, right], input: {fail: true}}
 """,
     ),
@@ -152,7 +156,8 @@ SHAPES = manifest(
         """
   - {name: root, type: saga.work, compensate: {type: saga.undo}}
   - {name: quick, type: saga.work, dependsOn: [root], input: {fail: true}}
-  - {name: slow, type: saga.work, dependsOn: [root], input: {slow: 0.5}, compensate: {type: saga.undo}}
+  - {name: slow, type: saga.work, dependsOn: [root], input: {slow: 0.5},
+     compensate: {type: saga.undo}}
 """,
         "  compensation: {inDoubt: await}\n",
     ),
@@ -208,7 +213,12 @@ REDRIVES = manifest(
     workflow(
         "fragile",
         """
-  - {name: a, type: saga.work, compensate: {type: saga.undo, input: {failWhile: broken}, retry: {maxAttempts: 2, initialInterval: 10ms}}}
+  - name: a
+    type: saga.work
+    compensate:
+      type: saga.undo
+      input: {failWhile: broken}
+      retry: {maxAttempts: 2, initialInterval: 10ms}
   - {name: b, type: saga.work, dependsOn: [a], input: {fail: true}}
 """,
     ),
@@ -364,6 +374,7 @@ def test_suspend_and_cancel_reach_a_running_sagaflow_run(saga: Saga) -> None:
     resumed = saga.control("resume", "paused-1")
     assert resumed.returncode == 0, resumed.stderr
     code, status, err = saga.run(file)
+    assert code == 1, err  # cancelled-1 is Compensated, not Completed
     assert status["paused-1"]["phase"] == "Completed", err
     refused = saga.control("resume", "paused-1")
     assert refused.returncode == 1
@@ -401,6 +412,7 @@ def test_kill_9_during_compensation_then_run_again_undoes_each_step_once(saga: S
 
     code, status, err = saga.run(file)
 
+    assert code == 1, err
     assert status["killed-1"]["phase"] == "Compensated", err
     undos = [c for c in saga.of("killed-1") if c["undo"] and c["event"] == "start"]
     # b's undo was cut short by the kill and ran again under the same key; a's ran once.
