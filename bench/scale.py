@@ -13,7 +13,13 @@ Prints, per N:
   first call to the last;
 - time from the command's start to the first handler call.
 
+With `--saga` each step has a compensation and a fourth step fails, so every
+execution is undone (c, b, a in that order): three forward and three compensation
+calls per execution, every execution ending Compensated (the command exits 1). The
+figures then measure the undo path against the plain one.
+
     python bench/scale.py --executions 1000 5000 10000
+    python bench/scale.py --executions 1000 --saga
 """
 
 from __future__ import annotations
@@ -40,9 +46,21 @@ spec:
 """
 
 
-def manifest(path: Path, executions: int) -> None:
+SAGA = """apiVersion: sagaflow.io/v1alpha1
+kind: Workflow
+metadata: {name: scale}
+spec:
+  steps:
+    - {name: a, type: scale.work, compensate: {type: scale.work}}
+    - {name: b, type: scale.work, dependsOn: [a], compensate: {type: scale.work}}
+    - {name: c, type: scale.work, dependsOn: [b], compensate: {type: scale.work}}
+    - {name: d, type: sagaflow.fail, dependsOn: [c], input: {type: Planned}}
+"""
+
+
+def manifest(path: Path, executions: int, saga: bool = False) -> None:
     with path.open("w") as out:
-        out.write(WORKFLOW)
+        out.write(SAGA if saga else WORKFLOW)
         for i in range(executions):
             out.write(
                 "---\napiVersion: sagaflow.io/v1alpha1\nkind: Execution\n"
@@ -50,11 +68,11 @@ def manifest(path: Path, executions: int) -> None:
             )
 
 
-def run_once(executions: int) -> None:
+def run_once(executions: int, saga: bool = False) -> None:
     with tempfile.TemporaryDirectory(prefix="sagaflow-scale-") as tmp:
         root = Path(tmp)
         os.chmod(root, 0o755)  # noqa: S103 - postgres runs as its own user and must enter it
-        manifest(root / "scale.yaml", executions)
+        manifest(root / "scale.yaml", executions, saga)
         log = root / "calls.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("SAGAFLOW_")}
         env["SCALE_LOG"] = str(log)
@@ -86,7 +104,11 @@ def run_once(executions: int) -> None:
         times = [float(line.split()[0]) for line in lines]
         calls = Counter(line.split()[1] for line in lines)
         repeats = sum(1 for n in calls.values() if n > 1)
-        print(f"executions={executions} steps=3 exit={code}")
+        shape = "steps=3 + 3 compensations" if saga else "steps=3"
+        print(f"executions={executions} {shape} exit={code}")
+        listing = (root / "stdout").read_text(errors="replace").splitlines()[1:]
+        phases = Counter(line.split()[3] for line in listing if len(line.split()) > 3)
+        print(f"  phases {dict(phases)}")
         print(f"  wall {elapsed:.1f}s, peak RSS {usage.ru_maxrss / 1024:.0f} MB")
         if times:
             # While handlers run: after the files are parsed, until the last call.
@@ -102,7 +124,7 @@ def run_once(executions: int) -> None:
                 f"  handler calls {len(times)} (distinct {len(calls)}, repeated {repeats}), "
                 f"{rate:,.0f} calls/s; first call {min(times) - started:.2f}s after start"
             )
-        if code != 0:
+        if code not in (0, 1) or (code == 1 and not saga):
             print("  stderr tail:", stderr[-1500:])
 
 
@@ -119,9 +141,10 @@ def _rss_kb(pid: int) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--executions", type=int, nargs="+", default=[1000])
+    parser.add_argument("--saga", action="store_true", help="every execution is undone")
     args = parser.parse_args()
     for n in args.executions:
-        run_once(n)
+        run_once(n, args.saga)
 
 
 if __name__ == "__main__":

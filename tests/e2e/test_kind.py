@@ -4,7 +4,8 @@ It does what the README's "Running on a kind cluster" says, in a namespace and H
 release of its own (`sagaflow-e2e-<random>`): builds the image and `kind load`s it,
 applies samples/kind/postgres.yaml, installs the chart with samples/kind/values.yaml,
 waits for the operator and runner Deployments, applies samples/ and waits until the
-sample Workflows are Ready and every sample Execution is Completed, with Events. Then
+sample Workflows are Ready and every sample Execution is Completed (or Compensated,
+for a `*-rollback.yaml` sample), with Events. Then
 it deletes the samples (while the operator still runs, so it can drop its finalizers),
 the release, the namespace, and the CRDs if it was the one that created them. The
 image stays in Docker and on the nodes.
@@ -50,7 +51,7 @@ TEST_TIMEOUT = 1200
 WAIT_SECONDS = 300.0  # one wait on the cluster: a rollout, a Workflow, the Executions
 POLL_SECONDS = 2.0
 OPERATOR_LABELS = "app.kubernetes.io/part-of=sagaflow,app.kubernetes.io/component=operator"
-TERMINAL_FAILURES = {"Failed", "Cancelled"}
+TERMINAL_FAILURES = {"Failed", "Cancelled", "CompensationFailed"}
 
 
 # --- commands ----------------------------------------------------------------------
@@ -92,6 +93,18 @@ def unavailable(environ: Mapping[str, str] = os.environ) -> str | None:
     if not answers(["kubectl", "--context", context, "get", "--raw", "/readyz"]):
         return f"the API server of kubectl context {context!r} does not answer"
     return None
+
+
+def expected_phases() -> dict[str, str]:
+    """Each sample Execution's final phase: Compensated for a `*-rollback.yaml` sample (an
+    order that fails and is rolled back), Completed for the others."""
+    phases = {}
+    for path in sorted(SAMPLES.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc["kind"] == "Execution":
+                rollback = path.name.endswith("-rollback.yaml")
+                phases[doc["metadata"]["name"]] = "Compensated" if rollback else "Completed"
+    return phases
 
 
 def sample_objects(kind: str) -> list[str]:
@@ -351,8 +364,8 @@ class TestOnKind:
         wait_until(cluster, "sample Workflows Ready", probe)
 
     def test_sample_executions_complete(self, cluster: Cluster) -> None:
-        names = sample_objects("Execution")
-        assert len(names) == 2
+        expected = expected_phases()
+        assert len(expected) == 3
 
         def probe() -> tuple[bool, str]:
             items = cluster.get_json("executions.sagaflow.io")["items"]
@@ -363,9 +376,9 @@ class TestOnKind:
             failed = {n: p for n, p in phases.items() if p in TERMINAL_FAILURES}
             if failed:
                 pytest.fail(f"Executions ended {failed}\n{cluster.diagnostics()}")
-            return all(phases.get(n) == "Completed" for n in names), str(phases)
+            return all(phases.get(n) == p for n, p in expected.items()), str(phases)
 
-        wait_until(cluster, "sample Executions Completed", probe)
+        wait_until(cluster, "sample Executions Completed or rolled back", probe)
 
     def test_executions_carry_events(self, cluster: Cluster) -> None:
         for name in sample_objects("Execution"):
@@ -422,5 +435,6 @@ def test_events_are_read_from_describe_output() -> None:
 @pytest.mark.timeout(10)
 def test_expectations_come_from_the_samples() -> None:
     assert sample_objects("Workflow") == ["order-fulfilment"]
-    assert sample_objects("Execution") == ["order-1001", "order-1002"]
+    assert sample_objects("Execution") == ["order-1001", "order-1002", "order-1003"]
+    assert expected_phases()["order-1003"] == "Compensated"
     assert image_reference() == "sagaflow:dev"

@@ -20,7 +20,8 @@ from sagaflow.adapters.postgres.store import PostgresStore
 from sagaflow.core.manifests import WorkflowSpec
 from sagaflow.kube.api import ConflictError
 from sagaflow.kube.mirror import StatusMirror
-from sagaflow.runtime.orchestrator import NameInUseError, Orchestrator
+from sagaflow.runtime.orchestrator import Orchestrator
+from sagaflow.runtime.starts import NameInUseError
 
 NS = "default"
 SPEC = WorkflowSpec.model_validate(
