@@ -22,16 +22,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-from sagaflow.adapters.postgres.store import PostgresStore
 from sagaflow.core.facts import Cancel, Control, Redrive, Resume, SkipCompensation, Suspend
 from sagaflow.core.manifests import WorkflowSpec
 from sagaflow.core.validation import Document, parse_documents, validate_documents
 from sagaflow.runtime import control
 from sagaflow.runtime.orchestrator import Orchestrator
 from sagaflow.settings import Settings
-from sagaflow.wiring.buses import make_bus
-from sagaflow.wiring.database import open_database
-from sagaflow.wiring.payloads import make_claim_check
+from sagaflow.wiring.orchestrators import open_orchestrator
 from sagaflow.wiring.problems import InvalidInputError
 
 EXIT_OK, EXIT_REFUSED, EXIT_INVALID = 0, 1, 2
@@ -68,24 +65,13 @@ async def run_control(
         workflows = _workflows(files)
         if not settings.database_url and not (state_dir / "postgres").exists():
             raise InvalidInputError([f"--state-dir {state_dir}: no state here (nothing has run)"])
-        claim_check = make_claim_check(settings, state_dir)
-        try:
-            async with open_database(settings, state_dir, pool_size=2) as db:
-                bus = make_bus(settings, db.pool)
-                orchestrator = Orchestrator(PostgresStore(db.pool), bus, claim_check=claim_check)
-                try:
-                    for wf_namespace, wf_name, spec in workflows:
-                        version, created = await orchestrator.apply_workflow(
-                            wf_namespace, wf_name, spec
-                        )
-                        if created:
-                            print(f"workflow {wf_namespace}/{wf_name}: v{version} stored", file=out)
-                    outcome = await _apply(orchestrator, namespace, name, fact)
-                finally:
-                    await bus.close()
-                    await orchestrator.outages.close()
-        finally:
-            await claim_check.close()
+        async with open_orchestrator(settings, state_dir, pool_size=2) as wired:
+            orchestrator = wired.orchestrator
+            for wf_namespace, wf_name, spec in workflows:
+                version, created = await orchestrator.apply_workflow(wf_namespace, wf_name, spec)
+                if created:
+                    print(f"workflow {wf_namespace}/{wf_name}: v{version} stored", file=out)
+            outcome = await _apply(orchestrator, namespace, name, fact)
     except InvalidInputError as exc:
         for problem in exc.problems:
             print(f"error: {problem}", file=err)

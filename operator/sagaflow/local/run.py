@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import TextIO
 
 from sagaflow.adapters.postgres import reads
-from sagaflow.adapters.postgres.store import PostgresStore
 from sagaflow.core.definition import BUILTIN_TYPES
 from sagaflow.core.manifests import ExecutionPhase
 from sagaflow.core.state import ExecutionState
@@ -38,9 +37,8 @@ from sagaflow.local.inputs import InvalidInputError, load_manifests
 from sagaflow.local.output import write_listing
 from sagaflow.runtime.orchestrator import Orchestrator, StartRequest
 from sagaflow.settings import Settings
-from sagaflow.wiring.buses import make_bus
-from sagaflow.wiring.database import GaveUpWaiting, open_database
-from sagaflow.wiring.payloads import make_claim_check
+from sagaflow.wiring.database import GaveUpWaiting
+from sagaflow.wiring.orchestrators import open_orchestrator
 from sagaflow_runner import Registry, default_registry, load_module
 
 log = logging.getLogger("sagaflow.local")
@@ -106,38 +104,24 @@ async def run_local(
         ]
         del manifests  # thousands of parsed documents: only what starting needs is kept
         with exclusive(state_dir):
-            claim_check = make_claim_check(settings, state_dir)
             try:
-                async with open_database(settings, state_dir, give_up=interrupts.stop) as db:
-                    bus = make_bus(settings, db.pool)
-                    orchestrator = Orchestrator(
-                        PostgresStore(db.pool),
-                        bus,
-                        batch_size=settings.batch_size,
-                        claim_check=claim_check,
+                async with open_orchestrator(settings, state_dir, give_up=interrupts.stop) as w:
+                    for namespace, name, spec in workflows:
+                        await w.orchestrator.apply_workflow(namespace, name, spec)
+                    ids = await drive(
+                        w.orchestrator,
+                        w.bus,
+                        registry,
+                        w.db.dsn,
+                        requests,
+                        settings,
+                        w.claim_check,
+                        interrupts,
+                        err,
                     )
-                    try:
-                        for namespace, name, spec in workflows:
-                            await orchestrator.apply_workflow(namespace, name, spec)
-                        ids = await drive(
-                            orchestrator,
-                            bus,
-                            registry,
-                            db.dsn,
-                            requests,
-                            settings,
-                            claim_check,
-                            interrupts,
-                            err,
-                        )
-                        counts = await write_listing(out, fmt, lambda: _pages(orchestrator, ids))
-                    finally:
-                        await bus.close()
-                        await orchestrator.outages.close()
+                    counts = await write_listing(out, fmt, lambda: _pages(w.orchestrator, ids))
             except GaveUpWaiting:
                 pass  # signalled before the database answered: nothing was started
-            finally:
-                await claim_check.close()
     except InvalidInputError as exc:
         for problem in exc.problems:
             print(f"error: {problem}", file=err)
