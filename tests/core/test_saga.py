@@ -246,7 +246,8 @@ def test_an_exhausted_compensation_blocks_its_dependencies_and_not_the_others() 
     assert run.state.finished_at is None  # settled, not terminal
 
 
-def test_a_redrive_retries_failed_compensations_with_attempts_continuing() -> None:
+def blocked_chain() -> Run:
+    """a -> b -> c; c failed, and b's compensation failed for good: a waits behind it."""
     once = {"retry": {"maxAttempts": 1}}
     run = Run([undoable("a"), undoable("b", "a", compensate=once), task("c", "b")])
     run.start()
@@ -254,6 +255,11 @@ def test_a_redrive_retries_failed_compensations_with_attempts_continuing() -> No
     run.complete("b", 1)
     run.fail("c", 1, retryable=False)
     undo_failed(run, "b")
+    return run
+
+
+def test_a_redrive_retries_failed_compensations_with_attempts_continuing() -> None:
+    run = blocked_chain()
     assert run.state.phase is E.COMPENSATION_FAILED
 
     decision = run(Redrive(), at=30)
@@ -267,13 +273,7 @@ def test_a_redrive_retries_failed_compensations_with_attempts_continuing() -> No
 
 
 def test_skipping_a_failed_compensation_lets_the_rest_go_on() -> None:
-    once = {"retry": {"maxAttempts": 1}}
-    run = Run([undoable("a"), undoable("b", "a", compensate=once), task("c", "b")])
-    run.start()
-    run.complete("a", 1)
-    run.complete("b", 1)
-    run.fail("c", 1, retryable=False)
-    undo_failed(run, "b")
+    run = blocked_chain()
 
     decision = run(SkipCompensation(("b",)))
 

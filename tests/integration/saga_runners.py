@@ -48,20 +48,14 @@ async def _behave(input: dict[str, Any], ctx: StepContext) -> None:
 
 
 @step("saga.work")
-async def work(input: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
-    _log(ctx, "start")
-    try:
-        await _behave(input, ctx)
-    finally:
-        _log(ctx, "end")
-    return {"step": ctx.step, "attempt": ctx.attempt}
-
-
 @step("saga.undo")
-async def undo(input: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+async def work(input: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    """Both types: a forward step, or (as a compensation) the undo of `ctx.compensates`."""
     _log(ctx, "start")
     try:
         await _behave(input, ctx)
     finally:
         _log(ctx, "end")
-    return {"undid": ctx.compensates, "saw": input.get("saw")}
+    if ctx.compensates is not None:
+        return {"undid": ctx.compensates, "saw": input.get("saw")}
+    return {"step": ctx.step, "attempt": ctx.attempt}

@@ -29,12 +29,22 @@ class Saga:
     def __init__(self, dsn: str, folder: Path) -> None:
         self.folder = folder
         self.log = folder / "calls.log"
+        self.state = folder / "state"
         self.log.touch()
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("SAGAFLOW_")}
         self.env.update(SAGAFLOW_DATABASE_URL=dsn, SAGA_LOG=str(self.log), SAGA_DIR=str(folder))
 
     def args(self, *args: str | Path) -> list[str]:
         return [sys.executable, "-m", "sagaflow.cli", *map(str, args)]
+
+    def start(self, file: Path) -> subprocess.Popen[str]:
+        """`sagaflow run -f FILE -o json` in the background."""
+        args = self.args(
+            "run", "-f", file, "-o", "json", "--runners", RUNNERS, "--state-dir", self.state
+        )
+        return subprocess.Popen(
+            args, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
 
     def run(self, *files: Path) -> tuple[int, dict[str, Any], str]:
         """`sagaflow run -f ... -o json`: exit code, status by execution name, stderr."""
@@ -334,12 +344,7 @@ CONTROLLED = manifest(
 @pytest.mark.timeout(180)
 def test_suspend_and_cancel_reach_a_running_sagaflow_run(saga: Saga) -> None:
     file = saga.write("controlled.yaml", CONTROLLED)
-    args = saga.args(
-        "run", "-f", file, "-o", "json", "--runners", RUNNERS, "--state-dir", saga.folder / "state"
-    )
-    proc = subprocess.Popen(
-        args, env=saga.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    proc = saga.start(file)
     try:
 
         def started(execution: str, step: str) -> bool:
@@ -397,12 +402,7 @@ KILLED = manifest(
 @pytest.mark.timeout(180)
 def test_kill_9_during_compensation_then_run_again_undoes_each_step_once(saga: Saga) -> None:
     file = saga.write("killed.yaml", KILLED)
-    args = saga.args(
-        "run", "-f", file, "-o", "json", "--runners", RUNNERS, "--state-dir", saga.folder / "state"
-    )
-    proc = subprocess.Popen(
-        args, env=saga.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    proc = saga.start(file)
     try:
         saga.wait_for(lambda: any(c["undo"] for c in saga.of("killed-1")), proc)
     finally:
