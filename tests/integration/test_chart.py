@@ -461,7 +461,70 @@ EXECUTIONS = {
         "workflow orders/order has no valid version yet",
     ),
     "compensating": ({"phase": "Compensating"}, "Progressing", "Execution compensating"),
+    "compensating-retrying": (
+        {
+            "phase": "Compensating",
+            "conditions": [
+                *succeeded("Unknown", "Compensating", "execution compensating"),
+                {
+                    "type": "Ready",
+                    "status": "False",
+                    "reason": "CompensationRetrying",
+                    "message": "compensation of step charge attempt 1 failed",
+                },
+            ],
+        },
+        "Progressing",
+        "compensation of step charge attempt 1 failed",
+    ),
+    "compensated": (
+        {
+            "phase": "Compensated",
+            "error": {"type": "CardDeclined", "message": "card declined"},
+            "conditions": succeeded("False", "Compensated", "card declined"),
+        },
+        "Degraded",
+        "Execution compensated after: card declined",
+    ),
+    "compensated-bare": ({"phase": "Compensated"}, "Degraded", "Execution compensated"),
+    "compensation-failed": (
+        {
+            "phase": "CompensationFailed",
+            "error": {"type": "CardDeclined", "message": "card declined"},
+            "conditions": [
+                *succeeded("False", "CompensationFailed", "card declined"),
+                {
+                    "type": "Ready",
+                    "status": "False",
+                    "reason": "CompensationFailed",
+                    "message": "compensation of step reserve failed: Gone: no such hold",
+                },
+            ],
+        },
+        "Degraded",
+        "compensation of step reserve failed: Gone: no such hold",
+    ),
+    "compensation-failed-bare": (
+        {"phase": "CompensationFailed"},
+        "Degraded",
+        "Execution compensation failed",
+    ),
     "suspended": ({"phase": "Suspended"}, "Suspended", "Execution suspended"),
+    "suspended-with-ready": (
+        {
+            "phase": "Suspended",
+            "conditions": [
+                {
+                    "type": "Ready",
+                    "status": "False",
+                    "reason": "Suspended",
+                    "message": "suspended while Compensating",
+                }
+            ],
+        },
+        "Suspended",
+        "suspended while Compensating",
+    ),
     "completed": (
         {"phase": "Completed", "conditions": succeeded("True", "Completed", "execution completed")},
         "Healthy",

@@ -139,8 +139,11 @@ async def _serve(
     async def stop_loops(**_: Any) -> None:
         # kopf waits for every task started after it (our loops' inner tasks too)
         # before it returns: stop them here, so a shutdown takes no longer than that.
+        # The bus has tasks of its own (a receiver's lease renewal); no handler runs
+        # after cleanup, so it closes here too (closing it again later is a no-op).
         stop.set()
         await asyncio.wait(tasks, timeout=10)
+        await orchestrator.bus.close()
 
     namespaces = settings.namespaces
     try:

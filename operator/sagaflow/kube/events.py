@@ -20,15 +20,26 @@ from sagaflow.core.status import clip
 COMPONENT = "sagaflow-operator"
 # History kinds that are not Events.
 QUIET = frozenset({"MessageIgnored"})
-# Kinds that mean something went wrong (type Warning); the rest are Normal.
+# Kinds that mean something went wrong or needs a person (type Warning); the rest,
+# the saga's ordinary course (compensations going as designed, suspend, resume,
+# redrive), are Normal. A run that ended undone did not succeed: a Warning, as a
+# failed or cancelled one. A refused request is posted from its history row only:
+# the handler that made the request does not post it again.
 WARNINGS = frozenset(
     {
         "StepFailed",
         "StepRetrying",
         "StepTimedOut",
+        "StepInDoubt",
+        "StepCompensationRetrying",
+        "StepCompensationTimedOut",
+        "StepCompensationFailed",
         "ExecutionFailed",
         "ExecutionTimedOut",
         "ExecutionCancelled",
+        "ExecutionCompensated",
+        "ExecutionCompensationFailed",
+        "RequestRefused",
     }
 )
 _MAX_NAME_PREFIX = 200  # object names run to 253 characters; the suffix needs room

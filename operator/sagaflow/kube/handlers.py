@@ -10,9 +10,17 @@
 - Execution (created, or found at start-up): started in Postgres keyed by the
   object's uid, so a repeat is a no-op; the workflow version current at that
   moment is pinned. If the Workflow has no valid version yet, the status says so
-  and the start is retried. From then on the status mirror owns the status.
-- Execution changed: the run already has its input; a Warning Event says the
-  change is ignored.
+  and the start is retried. From then on the status mirror owns the status. A new
+  run starts suspended if `spec.suspend` says so, then takes `spec.skipCompensation`
+  and `spec.cancel` as requests; `spec.redrive` is the baseline.
+- Execution changed: changes of the control fields (`suspend`, `cancel`, `redrive`,
+  `redriveToLatest`, `skipCompensation`) become control requests, once per change
+  (`sagaflow.kube.control`); a new `ttlSecondsAfterFinished` applies; input and
+  workflowRef stay as the run began, and a Warning Event says so. What is wrong
+  with a change (a lowered `redrive`, an unknown step name) is a Warning Event and
+  the `SpecAccepted` condition; a request the engine refuses is a Warning Event
+  from the history. An object whose run never started (its spec was invalid) is
+  started by the change.
 - Execution deleted (finalizer): the run is cancelled if it is still going (no
   further commands), its name is released, its history stays in Postgres.
 
@@ -25,20 +33,30 @@ a second later.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import asyncpg
 import kopf
-from pydantic import ValidationError
 
 from sagaflow.adapters.postgres import mirror_rows
 from sagaflow.core.manifests import API_GROUP, ExecutionSpec
 from sagaflow.core.ports import Clock, utc_now
+from sagaflow.core.state import ExecutionState
 from sagaflow.core.status import clip, condition, keep_transition_times
 from sagaflow.core.validation import Document, validate_documents
 from sagaflow.kube.api import EXECUTIONS, VERSION, WORKFLOWS
+from sagaflow.kube.control import (
+    REDRIVE_SEEN,
+    Plan,
+    carry_out,
+    parse_spec,
+    plan_change,
+    plan_start,
+    redrive_seen,
+    spec_condition,
+)
 from sagaflow.runtime.orchestrator import Orchestrator
 from sagaflow.runtime.outages import describe
 
@@ -114,16 +132,18 @@ async def start_execution(
     patch: kopf.Patch,
     logger: logging.Logger | logging.LoggerAdapter[Any],
     retry: int = 0,
+    *,
+    creating: bool = True,
 ) -> None:
+    """Start the run (once); with `creating`, or when this call started it, make the
+    requests the spec was created with. A resume after a restart makes none: they
+    were made at creation, and every change since by `change_execution`."""
     meta = body["metadata"]
     namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
     status = body.get("status") or {}
-    try:
-        spec = ExecutionSpec.model_validate(body.get("spec"), by_alias=True, by_name=False)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"spec.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
-        )
+    spec = parse_spec(body.get("spec"))
+    if isinstance(spec, list):
+        problems = "; ".join(spec)
         logger.warning(f"invalid spec, not started: {problems}")
         kopf.warn(body, reason="InvalidSpec", message=clip(f"not started: {problems}"))
         patch.status["phase"] = "Pending"
@@ -134,8 +154,8 @@ async def start_execution(
     await _release_stale(ctx, namespace, name, uid)
     workflow = spec.workflow_ref.name
     try:
-        state, _ = await ctx.orchestrator.start(
-            namespace, name, workflow, dict(spec.input), execution_id=uid
+        state, created = await ctx.orchestrator.start(
+            namespace, name, workflow, dict(spec.input), execution_id=uid, suspend=spec.suspend
         )
     except LookupError:
         message = f"workflow {namespace}/{workflow} has no valid version yet"
@@ -146,11 +166,71 @@ async def start_execution(
             ready_condition(ctx, "False", "WorkflowNotReady", message), status
         )
         raise kopf.TemporaryError(message, delay=ctx.workflow_wait_seconds) from None
+    await _track(ctx, meta, spec, state)
+    if created or creating:
+        plan = plan_start(spec, state)
+        await carry_out(ctx.orchestrator, meta, plan.asks, logger)
+        _report(ctx, body, patch, plan, logger)
+
+
+async def change_execution(
+    ctx: HandlerContext,
+    body: kopf.Body,
+    old: Mapping[str, Any] | None,
+    new: Mapping[str, Any] | None,
+    patch: kopf.Patch,
+    logger: logging.Logger | logging.LoggerAdapter[Any],
+    retry: int = 0,
+) -> None:
+    """A spec change: control requests, a new TTL, Warnings for what cannot be."""
+    meta = body["metadata"]
+    async with ctx.pool.acquire() as conn:
+        state = await ctx.orchestrator.store.get_execution_by_id(conn, meta["uid"])
+    if state is None:  # never started: its spec was invalid, the new one may not be
+        await start_execution(ctx, body, patch, logger, retry, creating=True)
+        return
+    old, new = old or {}, new or {}
+    spec = parse_spec(new)
+    plan = plan_change(old, new, spec, state, redrive_seen(meta))
+    ttl = "ttlSecondsAfterFinished"
+    if not isinstance(spec, list) and old.get(ttl) != new.get(ttl):
+        await _track(ctx, meta, spec, state)
+    await carry_out(ctx.orchestrator, meta, plan.asks, logger)
+    _report(ctx, body, patch, plan, logger)
+
+
+def _report(
+    ctx: HandlerContext,
+    body: kopf.Body,
+    patch: kopf.Patch,
+    plan: Plan,
+    logger: logging.Logger | logging.LoggerAdapter[Any],
+) -> None:
+    """Warnings for the problems and ignored changes, and the `SpecAccepted` condition.
+    Posted after the requests: a retry after a failed request does not post them twice."""
+    for problem in plan.problems:
+        logger.warning(f"invalid spec: {problem}")
+        kopf.warn(body, reason="InvalidSpec", message=clip(problem))
+    for ignored in plan.ignored:
+        logger.info(ignored)
+        kopf.warn(body, reason="SpecChangeIgnored", message=clip(ignored))
+    meta = body["metadata"]
+    if plan.redrive_seen > redrive_seen(meta):
+        patch.metadata.annotations[REDRIVE_SEEN] = str(plan.redrive_seen)
+    patch.fns.append(spec_condition(plan.problems, meta.get("generation"), ctx.clock()))
+
+
+async def _track(
+    ctx: HandlerContext, meta: Mapping[str, Any], spec: ExecutionSpec, state: ExecutionState
+) -> None:
+    """Mirror the run into its object, with the TTL the spec or else the workflow says."""
     async with ctx.pool.acquire() as conn:
         ttl = spec.ttl_seconds_after_finished
         if ttl is None:
-            ttl = await mirror_rows.workflow_ttl(conn, namespace, workflow, state.version)
-        await mirror_rows.track(conn, uid, namespace, name, ttl)
+            ttl = await mirror_rows.workflow_ttl(
+                conn, state.namespace, state.workflow, state.version
+            )
+        await mirror_rows.track(conn, state.execution_id, meta["namespace"], meta["name"], ttl)
 
 
 async def _release_stale(ctx: HandlerContext, namespace: str, name: str, uid: str) -> None:
@@ -201,14 +281,27 @@ def build_registry(ctx: HandlerContext) -> kopf.OperatorRegistry:
     @kopf.on.resume(API_GROUP, VERSION, EXECUTIONS, registry=registry)
     @kopf.on.create(API_GROUP, VERSION, EXECUTIONS, registry=registry)
     async def execution(
-        body: kopf.Body, patch: kopf.Patch, logger: Any, retry: int, **_: Any
+        body: kopf.Body,
+        patch: kopf.Patch,
+        logger: Any,
+        retry: int,
+        reason: str,
+        **_: Any,
     ) -> None:
-        await _unless_down(ctx, start_execution(ctx, body, patch, logger, retry))
+        creating = reason == kopf.Reason.CREATE
+        await _unless_down(ctx, start_execution(ctx, body, patch, logger, retry, creating=creating))
 
     @kopf.on.update(API_GROUP, VERSION, EXECUTIONS, registry=registry, field="spec")
-    async def execution_spec_changed(body: kopf.Body, **_: Any) -> None:
-        message = "spec changes after the start are ignored: the run keeps its input"
-        kopf.warn(body, reason="SpecChangeIgnored", message=message)
+    async def execution_spec_changed(
+        body: kopf.Body,
+        old: Any,
+        new: Any,
+        patch: kopf.Patch,
+        logger: Any,
+        retry: int,
+        **_: Any,
+    ) -> None:
+        await _unless_down(ctx, change_execution(ctx, body, old, new, patch, logger, retry))
 
     @kopf.on.delete(API_GROUP, VERSION, EXECUTIONS, registry=registry)
     async def execution_deleted(body: kopf.Body, logger: Any, **_: Any) -> None:

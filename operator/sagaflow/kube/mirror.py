@@ -43,6 +43,8 @@ from sagaflow.runtime.outages import OutageWatch
 log = logging.getLogger("sagaflow.mirror")
 T = TypeVar("T")
 
+# The conditions the state projects (`execution_status`); others belong to the handlers.
+MIRRORED_CONDITIONS = frozenset({"Succeeded", "Ready", "Request"})
 _WRITE_TRIES = 3  # conflicts in a row before the execution waits for the next pass
 
 
@@ -50,7 +52,8 @@ def status_patch(pending: Pending, obj: dict[str, Any]) -> dict[str, Any] | None
     """The merge patch that brings `obj`'s status to `pending`'s state; None if stale.
 
     Keys the new status no longer has are removed (null), conditions keep their
-    transition time while their status holds, and the patch carries the object's
+    transition time while their status holds, conditions of other types (the
+    handlers' `SpecAccepted`) stay as they are, and the patch carries the object's
     resourceVersion so the API server refuses it if the object changed meanwhile.
     """
     current = obj.get("status") or {}
@@ -58,7 +61,11 @@ def status_patch(pending: Pending, obj: dict[str, Any]) -> dict[str, Any] | None
     if isinstance(shown, int) and shown >= pending.state.revision:
         return None
     status = bounded_status(execution_status(pending.state))
-    status["conditions"] = keep_transition_times(status["conditions"], current.get("conditions"))
+    before = current.get("conditions")
+    before = [c for c in before if isinstance(c, dict)] if isinstance(before, list) else []
+    status["conditions"] = keep_transition_times(status["conditions"], before) + [
+        c for c in before if c.get("type") not in MIRRORED_CONDITIONS
+    ]
     generation = obj.get("metadata", {}).get("generation")
     if isinstance(generation, int):
         status["observedGeneration"] = generation
