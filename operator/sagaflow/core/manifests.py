@@ -130,8 +130,20 @@ class ExecutionSpec(_Model):
     # Control (desired state; each change becomes a control request):
     suspend: bool = False
     cancel: bool = False
-    # Raised by one to ask for one more redrive; status.redrives counts those done.
-    redrive: int = Field(default=0, ge=0)
+    # Raised by one to ask for one more redrive; status.redrives counts those done. The
+    # API server refuses a lower value (a transition rule); the operator says so too.
+    redrive: int = Field(
+        default=0,
+        ge=0,
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self >= oldSelf",
+                    "message": "must not decrease: raise it by one for one more redrive",
+                }
+            ]
+        },
+    )
     redrive_to_latest: bool = False
     # Steps whose undo was done by hand: compensation passes over them.
     skip_compensation: tuple[str, ...] = ()
