@@ -374,7 +374,7 @@ def test_suspend_and_cancel_reach_a_running_sagaflow_run(saga: Saga) -> None:
     assert not [c for c in saga.of("paused-1") if c["step"] != "a"]
     again = saga.control("suspend", "paused-1")
     assert again.returncode == 0
-    assert "already so" in again.stdout
+    assert "nothing to do: already suspended" in again.stdout
 
     resumed = saga.control("resume", "paused-1")
     assert resumed.returncode == 0, resumed.stderr

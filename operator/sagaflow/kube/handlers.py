@@ -41,7 +41,7 @@ import asyncpg
 import kopf
 
 from sagaflow.adapters.postgres import mirror_rows
-from sagaflow.core.manifests import API_GROUP, ExecutionSpec
+from sagaflow.core.manifests import API_GROUP, ExecutionPhase, ExecutionSpec
 from sagaflow.core.ports import Clock, utc_now
 from sagaflow.core.state import ExecutionState
 from sagaflow.core.status import clip, condition, keep_transition_times
@@ -249,10 +249,13 @@ async def _release_stale(ctx: HandlerContext, namespace: str, name: str, uid: st
 async def stop_execution(
     ctx: HandlerContext, namespace: str, name: str, uid: str, why: str
 ) -> None:
-    """Cancel the run if it is still going, then release its name. History stays."""
+    """Cancel the run if it still goes forward (compensating per its workflow, without
+    waiting for that), then release its name. History stays. A run already undoing, or
+    whose compensation failed, is left as it is: a cancel would change nothing."""
     async with ctx.pool.acquire() as conn:
         state = await ctx.orchestrator.store.get_execution_by_id(conn, uid)
-    if state is not None and not state.phase.is_terminal:
+    going = (ExecutionPhase.PENDING, ExecutionPhase.RUNNING)
+    if state is not None and state.underlying_phase in going:
         await ctx.orchestrator.cancel(namespace, name, why, execution_id=uid)
     async with ctx.pool.acquire() as conn, conn.transaction():
         await mirror_rows.release(conn, uid, ctx.clock())

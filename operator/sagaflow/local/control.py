@@ -81,7 +81,7 @@ async def run_control(
         print(f"error: {verb} {key} refused: {outcome.message}", file=err)
         return EXIT_REFUSED
     said = outcome.message or "done"
-    what = "already so" if outcome.result == "noop" else "accepted"
+    what = "nothing to do" if outcome.result == "noop" else "accepted"
     print(f"{verb} {key}: {what}: {said}; the execution is {outcome.state.phase.value}", file=out)
     return EXIT_OK
 
