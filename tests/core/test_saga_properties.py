@@ -9,7 +9,8 @@ resumes the run at random points, and re-delivers old facts late. Properties:
    interleaving of results, compensation results and suspend/resume requests gives
    the state in-order delivery gives (the compensations' own scripts may retry,
    fail for good, or succeed).
-2. For any run, duplicated and late copies of delivered results and timers change
+2. For any run, with cancels, redrives and skipCompensation requests made at random
+   points too, duplicated and late copies of delivered results and timers change
    nothing. (Control requests are deduplicated before the engine, by their request
    id in the inbox; the engine's part is that they may arrive anywhere.)
 
@@ -30,7 +31,16 @@ from tests.core.harness import NOW, World, fresh, replay
 
 from sagaflow.core.definition import Definition, compile_definition
 from sagaflow.core.engine import decide
-from sagaflow.core.facts import Fact, Resume, Start, Suspend
+from sagaflow.core.facts import (
+    Cancel,
+    Control,
+    Fact,
+    Redrive,
+    Resume,
+    SkipCompensation,
+    Start,
+    Suspend,
+)
 from sagaflow.core.manifests import ExecutionPhase, InDoubt, StepPhase, WorkflowSpec
 from sagaflow.core.state import ExecutionState
 
@@ -131,19 +141,31 @@ def still_to_undo(definition: Definition, state: ExecutionState, name: str) -> b
     return step.phase is StepPhase.RUNNING and awaited and name not in state.skip_compensation
 
 
-def drive(definition: Definition, script: dict[str, Any], choose: Any, toggle: Any) -> SagaWorld:
+def drive(
+    definition: Definition,
+    script: dict[str, Any],
+    choose: Any,
+    toggle: Any,
+    request: Any = lambda: None,
+) -> SagaWorld:
     """Deliver pending facts in the order `choose` picks; suspend or resume when `toggle`
-    says so (at most 4 times), and resume at the end if still suspended."""
+    says so (at most 4 times), make the control request `request` returns (at most 3),
+    and resume at the end if still suspended."""
     world = SagaWorld(definition, script)
     decision = decide(fresh(definition), definition, Start(), NOW)
     world.absorb(decision)
     state = decision.state
-    toggles = 0
+    toggles = requests = 0
     for _ in range(1000):
         suspended = state.phase is ExecutionPhase.SUSPENDED
         if toggles < 4 and toggle() and (suspended or not state.phase.at_rest):
             state = world.deliver(state, Resume() if suspended else Suspend())
             toggles += 1
+            continue
+        asked = request() if requests < 3 else None
+        if asked is not None:
+            state = world.deliver(state, asked)
+            requests += 1
             continue
         if not world.pending:
             if not suspended:
@@ -191,6 +213,20 @@ def test_any_interleaving_of_results_undos_and_suspensions_equals_in_order(
     )
 
 
+def requests(definition: Definition, data: st.DataObject) -> Any:
+    """Now and then a cancel, a redrive or a skipCompensation of a random step."""
+    names = [s.name for s in definition.steps]
+    choices = st.one_of(
+        st.none(),
+        st.none(),
+        st.none(),
+        st.just(Cancel("property")),
+        st.just(Redrive()),
+        st.builds(lambda n: SkipCompensation((n,)), st.sampled_from(names)),
+    )
+    return lambda: data.draw(choices)
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(saga=sagas(fail_last=False), data=st.data())
 def test_duplicated_and_late_results_change_nothing_in_a_saga(
@@ -202,6 +238,7 @@ def test_duplicated_and_late_results_change_nothing_in_a_saga(
         script,
         lambda n: data.draw(st.integers(0, n - 1)),
         lambda: data.draw(st.integers(0, 4)) == 0,
+        requests(definition, data),
     )
     check_invariants(world)
     clean = world.delivered
@@ -210,7 +247,7 @@ def test_duplicated_and_late_results_change_nothing_in_a_saga(
         noisy.append(fact)
         for _ in range(data.draw(st.integers(0, 2))):
             late = clean[data.draw(st.integers(0, i))]
-            if not isinstance(late, Suspend | Resume):
+            if not isinstance(late, Control):
                 noisy.append(late)
     assert replay(definition, noisy) == replay(definition, clean)
     assert replay(definition, clean) == world.final  # type: ignore[attr-defined]
