@@ -66,7 +66,7 @@ def _begin(out: Effects, cause: Failure, *, cancelled: bool) -> None:
     )
     if pivot is not None:
         then = "" if cancelled else "; redrive to recover forward"
-        detail = f"{cause.type}: {cause.message}; pivot step {pivot} succeeded, nothing is undone"
+        detail = f"{cause.message}; pivot step {pivot} succeeded, nothing is undone"
         end(out, outcome, detail + then)
         return
     marked = _mark(out)
@@ -167,7 +167,11 @@ def advance(out: Effects) -> None:
             detail += f"; waiting behind it: {', '.join(waiting)}"
         end(out, ExecutionPhase.COMPENSATION_FAILED, detail + _HELP)
         return
-    undone = [s.name for s in undoable if out.step(s.name).undo is not None]
+    # In the order they were undone (one transition: reverse dependency order).
+    order = {s.name: i for i, s in enumerate(reversed(undoable))}
+    finished = [out.step(s.name) for s in undoable if out.step(s.name).undo is not None]
+    finished.sort(key=lambda st: ((st.undo and st.undo.finished_at) or out.now, order[st.name]))
+    undone = [st.name for st in finished]
     if undone:
         end(out, ExecutionPhase.COMPENSATED, f"undid {', '.join(undone)}")
     else:

@@ -168,13 +168,9 @@ def _ready(state: ExecutionState) -> dict[str, Any]:
         if step.undo.next_retry_at is not None:
             message += f"; retry at {_ts(step.undo.next_retry_at)}"
         return condition("Ready", "False", "CompensationRetrying", message, _since(state))
-    return condition(
-        "Ready",
-        "True",
-        state.phase.value,
-        f"execution {state.phase.value.lower()}",
-        state.started_at,
-    )
+    # Since the last request (a resume, a redrive), else since the start.
+    message = f"execution {state.phase.value.lower()}"
+    return condition("Ready", "True", state.phase.value, message, _since(state))
 
 
 def _ended(state: ExecutionState) -> str:
