@@ -197,7 +197,7 @@ async def test_a_cancel_in_the_spec_undoes_what_was_done_in_reverse_order(saga: 
         "StepCompensating",
         "StepCompensated",
         "ExecutionCompensated",
-        "undid reserve, charge",
+        "undid charge, reserve",
     ):
         assert expected in described, (expected, described)
     events = {e["reason"]: e["type"] for e in saga.cluster.events_of("order-1")}
@@ -362,20 +362,20 @@ async def test_invalid_spec_changes_are_named_and_change_nothing(saga: Saga) -> 
     assert saga.calls("steady-1") == [("a", False)]
 
 
+RUN = new_execution(
+    execution_id="uid-1",
+    namespace=NS,
+    name="run-1",
+    workflow="flow",
+    version=1,
+    input={},
+    step_names=("a", "b"),
+)
+
+
 def test_the_mirror_keeps_the_condition_the_handlers_own() -> None:
     """Whichever writes last, the mirror (state) or a handler (`SpecAccepted`), both stay."""
-    state = replace(
-        new_execution(
-            execution_id="uid-1",
-            namespace=NS,
-            name="run-1",
-            workflow="flow",
-            version=1,
-            input={},
-            step_names=("a",),
-        ),
-        revision=2,
-    )
+    state = replace(RUN, revision=2)
     ours = {
         "type": "SpecAccepted",
         "status": "False",
@@ -395,15 +395,6 @@ def test_the_mirror_keeps_the_condition_the_handlers_own() -> None:
     assert conditions[-1] == ours
 
 
-RUN = new_execution(
-    execution_id="uid-1",
-    namespace=NS,
-    name="run-1",
-    workflow="flow",
-    version=1,
-    input={},
-    step_names=("a", "b"),
-)
 REF = {"workflowRef": {"name": "flow"}}
 PLANS: dict[str, tuple[Body, Body, int, list[tuple[str, Any]], list[str]]] = {
     # name: (old spec, new spec, redrive seen, [(field, fact)], problem prefixes)
