@@ -427,3 +427,17 @@ def test_a_cancel_with_nothing_to_undo_ends_cancelled() -> None:
     run(Cancel())
 
     assert run.state.phase is E.CANCELLED
+
+
+def test_a_cancel_after_the_pivot_undoes_nothing() -> None:
+    run = Run([undoable("a"), task("ship", "a", pivot=True), task("notify", "ship")])
+    run.start()
+    run.complete("a", 1)
+    run.complete("ship", 1)
+
+    decision = run(Cancel("too late to undo"))
+
+    assert decision.dispatches == ()
+    assert run.state.phase is E.CANCELLED
+    assert run.step("a").phase is S.SUCCEEDED
+    assert "pivot step ship succeeded" in decision.records[-1].message

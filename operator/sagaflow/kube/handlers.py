@@ -21,8 +21,9 @@
   the `SpecAccepted` condition; a request the engine refuses is a Warning Event
   from the history. An object whose run never started (its spec was invalid) is
   started by the change.
-- Execution deleted (finalizer): the run is cancelled if it is still going (no
-  further commands), its name is released, its history stays in Postgres.
+- Execution deleted (finalizer): the run is cancelled if it still goes forward
+  (compensating per its workflow, without waiting for that), its name is released,
+  its history stays in Postgres.
 
 Handlers raise only for what a retry can fix (database or API trouble); bad specs
 are reported in the status and Events, never retried. While the database is down a
