@@ -24,9 +24,9 @@ from sagaflow.adapters.postgres.bus import PostgresBus
 from sagaflow.adapters.postgres.embedded import EmbeddedPostgres, pg_bin_dir
 from sagaflow.adapters.postgres.store import PostgresStore
 from sagaflow.core.manifests import ExecutionPhase, StepPhase
-from sagaflow.core.state import new_execution
+from sagaflow.core.state import Failure, Undo, new_execution
 from sagaflow.core.validation import parse_documents, validate_documents
-from sagaflow.local.output import Progress, Snapshot, current_detail
+from sagaflow.local.output import Progress, Snapshot, current_detail, table
 from sagaflow.runtime.orchestrator import Orchestrator
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -444,3 +444,51 @@ def test_progress_shows_running_steps_with_their_attempt_and_time() -> None:
     progress.update(Snapshot(1, 1, {"Running": 1}, [state]))
     lines = log.getvalue().splitlines()
     assert len(lines) == 1 and "waiting on default/run-1 at slow (attempt 1" in lines[0], lines
+
+
+def test_the_table_says_what_is_undone_and_what_a_person_must_act_on() -> None:
+    now = datetime.now(UTC)
+    base = new_execution(
+        execution_id="e",
+        namespace="default",
+        name="run-1",
+        workflow="w",
+        version=1,
+        input={},
+        step_names=("reserve", "charge"),
+    )
+    failed = Failure("Declined", "step charge failed: no", step="charge")
+    undoing = replace(
+        base.with_step(
+            replace(
+                base.steps["reserve"],
+                phase=StepPhase.COMPENSATING,
+                attempt=1,
+                undo=Undo(
+                    status="running", attempt=2, attempt_started_at=now - timedelta(seconds=2)
+                ),
+            )
+        ),
+        phase=ExecutionPhase.COMPENSATING,
+        error=failed,
+        started_at=now,
+    )
+    assert current_detail(undoing, now) == "at undoing reserve (attempt 2, 2.0s)"
+    assert "Declined: step charge failed: no; at undoing reserve" in table([undoing], now)
+
+    stuck = replace(
+        undoing.with_step(
+            replace(
+                undoing.steps["reserve"],
+                phase=StepPhase.COMPENSATION_FAILED,
+                undo=Undo(status="done", attempt=3, error=Failure("Down", "warehouse offline")),
+            )
+        ),
+        phase=ExecutionPhase.COMPENSATION_FAILED,
+    )
+    row = table([stuck], now).splitlines()[1]
+    assert "CompensationFailed" in row
+    assert "compensation of step reserve failed: Down: warehouse offline; redrive" in row
+
+    paused = replace(base, phase=ExecutionPhase.SUSPENDED, resume_phase=ExecutionPhase.RUNNING)
+    assert "suspended; resume it with `sagaflow resume`" in table([paused], now)
