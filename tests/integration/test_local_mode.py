@@ -24,7 +24,7 @@ from sagaflow.adapters.postgres.bus import PostgresBus
 from sagaflow.adapters.postgres.embedded import EmbeddedPostgres, pg_bin_dir
 from sagaflow.adapters.postgres.store import PostgresStore
 from sagaflow.core.manifests import ExecutionPhase, StepPhase
-from sagaflow.core.state import Failure, Undo, new_execution
+from sagaflow.core.state import ExecutionState, Failure, Undo, new_execution
 from sagaflow.core.validation import parse_documents, validate_documents
 from sagaflow.local.output import Progress, Snapshot, current_detail, table
 from sagaflow.runtime.orchestrator import Orchestrator
@@ -406,17 +406,22 @@ def test_progress_redraws_in_place_on_a_terminal() -> None:
     assert plain.getvalue() == "default/run-1: Completed\n"  # once, no escape codes
 
 
-def test_progress_shows_running_steps_with_their_attempt_and_time() -> None:
-    now = datetime.now(UTC)
-    state = new_execution(
+def one_run(*steps: str) -> ExecutionState:
+    """A fresh execution default/run-1 of these steps, for tests of what is shown."""
+    return new_execution(
         execution_id="e",
         namespace="default",
         name="run-1",
         workflow="w",
         version=1,
         input={},
-        step_names=("slow", "flaky"),
+        step_names=steps,
     )
+
+
+def test_progress_shows_running_steps_with_their_attempt_and_time() -> None:
+    now = datetime.now(UTC)
+    state = one_run("slow", "flaky")
     state = state.with_step(
         replace(
             state.steps["slow"],
@@ -448,15 +453,7 @@ def test_progress_shows_running_steps_with_their_attempt_and_time() -> None:
 
 def test_the_table_says_what_is_undone_and_what_a_person_must_act_on() -> None:
     now = datetime.now(UTC)
-    base = new_execution(
-        execution_id="e",
-        namespace="default",
-        name="run-1",
-        workflow="w",
-        version=1,
-        input={},
-        step_names=("reserve", "charge"),
-    )
+    base = one_run("reserve", "charge")
     failed = Failure("Declined", "step charge failed: no", step="charge")
     undoing = replace(
         base.with_step(
