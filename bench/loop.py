@@ -2,7 +2,10 @@
 
 The orchestrator runs in this process; the step runner runs in a separate process
 (`sagaflow runner`), both on one embedded Postgres (or SAGAFLOW_DATABASE_URL) and
-the Postgres bus. Prints:
+the Postgres bus, or with `--bus servicebus` (or SAGAFLOW_BUS=servicebus) Azure Service
+Bus: the namespace of SAGAFLOW_SERVICEBUS_CONNECTION_STRING if set, else the test peer
+(tests/support/servicebus_peer) in a process of its own. `--sessions events|all` makes
+the events queue (or every queue) session-enabled, for comparison. Prints:
 
 - step transitions/s: step results applied per second of wall time, from the first
   start to the last execution completed;
@@ -11,6 +14,7 @@ the Postgres bus. Prints:
 - a pgbench baseline of the same server: commits/s of a one-row insert.
 
     python bench/loop.py --executions 200 --steps 10
+    python bench/loop.py --executions 200 --steps 10 --bus servicebus
 """
 
 from __future__ import annotations
@@ -34,13 +38,16 @@ from sagaflow.adapters.postgres.embedded import EmbeddedPostgres, pg_bin_dir
 from sagaflow.adapters.postgres.migrate import migrate
 from sagaflow.adapters.postgres.store import PostgresStore
 from sagaflow.core.manifests import WorkflowSpec
-from sagaflow.core.messages import StepResult
-from sagaflow.core.ports import ReceivedMessage
+from sagaflow.core.messages import EVENTS_QUEUE, StepResult, commands_queue
+from sagaflow.core.ports import Bus, ReceivedMessage
 from sagaflow.runtime.orchestrator import Orchestrator
 from sagaflow.settings import Settings
+from sagaflow.wiring.buses import make_bus
 from sagaflow.wiring.payloads import make_claim_check
 
 HERE = Path(__file__).resolve().parent
+SUPPORT = HERE.parent / "tests" / "support"
+QUEUES = [EVENTS_QUEUE, commands_queue("bench.noop")]
 
 
 class TimedOrchestrator(Orchestrator):
@@ -66,11 +73,25 @@ def spec(steps: int) -> WorkflowSpec:
     return WorkflowSpec.model_validate({"steps": chain})
 
 
+def start_peer(sessions: str) -> tuple[subprocess.Popen[str], str]:
+    """The Service Bus test peer in a process of its own; its connection string."""
+    session_queues = {"none": [], "events": [EVENTS_QUEUE], "all": QUEUES}[sessions]
+    args = [sys.executable, "-m", "servicebus_peer", "--duplicate-detection"]
+    for queue in QUEUES:
+        args += ["--session-queue" if queue in session_queues else "--queue", queue]
+    env = dict(os.environ, PYTHONPATH=str(SUPPORT))
+    peer = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env=env)
+    assert peer.stdout is not None
+    os.environ["SAGAFLOW_SERVICEBUS_SESSION_QUEUES"] = ",".join(session_queues)
+    return peer, peer.stdout.readline().strip()
+
+
 async def run(dsn: str, state_dir: Path, executions: int, steps: int, batch: int) -> None:
     pool = await asyncpg.create_pool(dsn, min_size=4, max_size=12)
     async with pool.acquire() as conn:
         await migrate(conn)
-    bus = PostgresBus(pool)
+    settings = Settings()
+    bus: Bus = PostgresBus(pool) if settings.bus == "postgres" else make_bus(settings, pool)
     # The same claim check local mode uses (local payload directory, default threshold).
     claim_check = make_claim_check(Settings(), state_dir)
     orch = TimedOrchestrator(PostgresStore(pool), bus, batch_size=batch, claim_check=claim_check)
@@ -114,7 +135,7 @@ async def run(dsn: str, state_dir: Path, executions: int, steps: int, batch: int
         lat = sorted(orch.latencies)
         p50 = statistics.median(lat) * 1000
         p99 = lat[int(len(lat) * 0.99) - 1] * 1000
-        print(f"executions={executions} steps={steps} batch={batch}")
+        print(f"bus={settings.bus} executions={executions} steps={steps} batch={batch}")
         print(f"step transitions: {transitions} in {elapsed:.2f}s = {transitions / elapsed:,.0f}/s")
         print(
             f"result enqueued -> next command receivable: p50 {p50:.1f} ms, p99 {p99:.1f} ms "
@@ -178,7 +199,26 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--pgbench-seconds", type=int, default=10)
+    parser.add_argument("--bus", choices=["postgres", "servicebus"])
+    parser.add_argument("--sessions", choices=["none", "events", "all"], default="none")
     args = parser.parse_args()
+    if args.bus:
+        os.environ["SAGAFLOW_BUS"] = args.bus
+    peer = None
+    if os.environ.get("SAGAFLOW_BUS") == "servicebus" and not os.environ.get(
+        "SAGAFLOW_SERVICEBUS_CONNECTION_STRING"
+    ):
+        peer, connection = start_peer(args.sessions)
+        os.environ["SAGAFLOW_SERVICEBUS_CONNECTION_STRING"] = connection
+    try:
+        bench(args)
+    finally:
+        if peer is not None:
+            peer.terminate()
+            peer.wait(10)
+
+
+def bench(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="sagaflow-bench-") as tmp:
         state = Path(tmp)
         os.chmod(state, 0o755)  # noqa: S103 - postgres runs as its own user and must enter it

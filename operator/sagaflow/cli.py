@@ -88,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     _control_parsers(sub)
     topology = sub.add_parser(
         "servicebus-topology",
-        help="create the session-enabled Service Bus queues (events, steps.<prefix>)",
+        help="create the Service Bus queues (events, steps.<prefix>)",
     )
     topology.add_argument(
         "--prefix",

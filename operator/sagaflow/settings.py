@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     servicebus_connection_string: SecretStr | None = None
     # Fully qualified namespace (NAME.servicebus.windows.net) for azure-identity auth.
     servicebus_namespace: str | None = None
+    # Comma-separated Service Bus queues created with sessions on. Sagaflow's queues are
+    # plain by default (docs/design.md says why); this serves queues made otherwise.
+    servicebus_session_queues: str = Field(default="", pattern=r"^[A-Za-z0-9.,_\-\s]*$")
     payloads: Literal["local", "azureblob"] = "local"
     # Local payload directory; defaults to `payloads/` in the state dir.
     payload_dir: Path | None = None
@@ -79,7 +82,11 @@ class Settings(BaseSettings):
 
     @property
     def namespaces(self) -> list[str]:
-        return [n.strip() for n in self.watch_namespaces.split(",") if n.strip()]
+        return _names(self.watch_namespaces)
+
+    @property
+    def session_queues(self) -> list[str]:
+        return _names(self.servicebus_session_queues)
 
     @model_validator(mode="after")
     def _adapters_have_what_they_need(self) -> Settings:
@@ -98,6 +105,10 @@ class Settings(BaseSettings):
                 "SAGAFLOW_BLOB_ACCOUNT_URL"
             )
         return self
+
+
+def _names(value: str) -> list[str]:
+    return [n.strip() for n in value.split(",") if n.strip()]
 
 
 def load_settings() -> Settings:

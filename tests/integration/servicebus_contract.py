@@ -22,7 +22,7 @@ import contextlib
 import os
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Unpack
@@ -34,7 +34,7 @@ from sagaflow.adapters.servicebus import (
     WireMessage,
     create_topology,
 )
-from sagaflow.core.ports import Clock, DeadLetter, MessageLockLostError
+from sagaflow.core.ports import Clock, DeadLetter, MessageLockLostError, dead_letter_queue
 
 ENV = "SAGAFLOW_TEST_SERVICEBUS"
 
@@ -62,9 +62,23 @@ async def create_test_topology(
         )
 
 
+class _EveryQueue(Collection[str]):
+    """Every queue name: the fake's queues all have sessions."""
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
 def fake_servicebus_bus(namespace: FakeServiceBus, **options: Unpack[BusOptions]) -> ServiceBusBus:
     """A new adapter (with a client of its own) on the fake namespace, on its clock."""
     options.setdefault("clock", namespace.clock)
+    options.setdefault("session_queues", _EveryQueue())
     return ServiceBusBus(namespace.client(), **options)
 
 
@@ -246,7 +260,9 @@ class FakeClient:
     async def peek_dead_letters(self, queue: str) -> list[DeadLetter]:
         return self.namespace.dead_letters(queue)
 
-    async def open_dead_letters(self, queue: str) -> FakeDeadLetters:
+    async def open_queue(self, queue: str, *, dead_letters: bool = False) -> FakeDeadLetters:
+        if not dead_letters:
+            raise NotImplementedError("the fake's queues all have sessions")
         receiver = FakeDeadLetters(self.namespace, queue)
         self.dead_letter_receivers.append(receiver)
         return receiver
@@ -333,14 +349,12 @@ class FakeSession:
 
 
 class FakeDeadLetters:
-    """A receiver on a dead-letter sub-queue: peek-lock, no session (`SessionReceiver`)."""
-
-    session_id = ""
+    """A receiver on a dead-letter sub-queue: peek-lock, a lock per message (`QueueLink`)."""
 
     def __init__(self, namespace: FakeServiceBus, queue: str) -> None:
         self.namespace = namespace
-        self.queue = queue
-        self.locked_until = namespace.clock() + namespace.lock_duration
+        self.source = queue
+        self.queue = dead_letter_queue(queue)
         self.closed = False
         self._held: dict[str, DeadLetter] = {}
 
@@ -348,7 +362,7 @@ class FakeDeadLetters:
         self.namespace.fault("receive")
         now = self.namespace.clock()
         got = []
-        for letter in self.namespace.dead_letters(self.queue):
+        for letter in self.namespace.dead_letters(self.source):
             if len(got) == max_messages:
                 break
             lock = self.namespace.locked_dead.get(id(letter))
@@ -368,6 +382,7 @@ class FakeDeadLetters:
                     raw=letter,
                     dead_letter_reason=letter.reason,
                     dead_letter_description=letter.description,
+                    locked_until=now + self.namespace.lock_duration,
                 )
             )
         return got
@@ -384,7 +399,7 @@ class FakeDeadLetters:
 
     async def complete(self, delivery: Delivery) -> None:
         letter = self._release(delivery.lock_token)
-        self.namespace.forget_dead(self.queue, letter)
+        self.namespace.forget_dead(self.source, letter)
 
     async def abandon(self, delivery: Delivery) -> None:
         self._release(delivery.lock_token)
@@ -392,8 +407,8 @@ class FakeDeadLetters:
     async def dead_letter(self, delivery: Delivery, *, reason: str, description: str) -> None:
         raise MessageLockLostError("a dead letter cannot be dead-lettered again")
 
-    async def renew_lock(self) -> datetime:
-        raise MessageLockLostError("not renewed")
+    async def renew_lock(self, delivery: Delivery) -> datetime:
+        raise MessageLockLostError("dead letters are settled at once, not renewed")
 
     async def close(self) -> None:
         for token in list(self._held):

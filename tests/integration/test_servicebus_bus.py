@@ -237,7 +237,7 @@ async def test_renewing_a_lost_lock_raises(
     await bus.send([out("s", "m")])
     got = await bus.receive(Q, max_wait=0)
     clock.advance(LOCK + 1)
-    with pytest.raises(MessageLockLostError, match="1 session lock"):
+    with pytest.raises(MessageLockLostError, match="1 lock"):
         await bus.renew_lock(got)
     assert ops(ns, "renew") == [] and ops(ns, "close") == ["s"]
 
@@ -675,7 +675,7 @@ async def test_real_session_maps_deliveries_and_translates_a_lost_lock() -> None
     session = await real_client(StubSdk(receiver), []).accept_next_session(Q, max_wait=1.0)
     assert session is not None
     m1, m2 = await session.receive(10, 0)
-    assert receiver.calls[0] == ("receive", 10, 0.05)  # the SDK refuses a zero wait
+    assert receiver.calls[0] == ("receive", 10, 0.01)  # the SDK refuses a zero wait
     assert (m1.message_id, m1.session_id, m1.body) == ("m1", "e1", b'{"a":1}')
     assert (m1.delivery_count, m2.delivery_count) == (1, 3)  # the wire count is zero-based
     assert m1.enqueued_at == datetime.fromtimestamp(1_900_000_000, UTC)
@@ -718,13 +718,19 @@ async def test_real_peek_pages_through_the_dead_letters() -> None:
         ]
     )
     sdk = StubSdk(receiver)
-    a, b = await real_client(sdk, []).peek_dead_letters(Q)
+    client = real_client(sdk, [])
+    a, b = await client.peek_dead_letters(Q)
     assert (a.queue, a.message_id, a.session_id, a.body) == (Q, "a", "e1", b"{}")
     assert (a.reason, a.description, a.delivery_count) == ("R", "why", 1)
     assert a.dead_lettered_at == datetime.fromtimestamp(1_900_000_000, UTC)
     assert (b.message_id, b.reason) == ("b", "MaxDeliveryCountExceeded")
     assert receiver.calls == [("peek", 1), ("peek", 2), ("peek", 8)]
     assert sdk.receiver_args[0][1]["sub_queue"] == ServiceBusSubQueue.DEAD_LETTER
+    # The dead-letter link is kept for the next pass, and closed with the client.
+    assert receiver.close_calls == 0
+    await client.peek_dead_letters(Q)
+    assert len(sdk.receiver_args) == 1
+    await client.close()
     assert receiver.close_calls == 1
 
 
@@ -745,7 +751,7 @@ async def test_real_close_closes_every_link_and_the_credential() -> None:
     assert sdk.closed and credential.closed
 
 
-async def test_create_topology_creates_session_queues_and_aligns_existing_ones() -> None:
+async def test_create_topology_creates_plain_queues_and_aligns_existing_ones() -> None:
     class Queue:
         def __init__(self, sessions: bool) -> None:
             self.requires_session = sessions
@@ -753,7 +759,7 @@ async def test_create_topology_creates_session_queues_and_aligns_existing_ones()
 
     class Admin:
         def __init__(self) -> None:
-            self.queues = {"steps.a": Queue(True), "steps.b": Queue(False)}
+            self.queues = {"steps.a": Queue(False), "steps.b": Queue(True)}
             self.created: dict[str, dict[str, Any]] = {}
             self.updated: list[Queue] = []
 
@@ -775,12 +781,14 @@ async def test_create_topology_creates_session_queues_and_aligns_existing_ones()
         "sagaflow.events"
     ]
     options = admin.created["sagaflow.events"]
-    assert options["requires_session"] and options["requires_duplicate_detection"]
+    assert not options["requires_session"] and options["requires_duplicate_detection"]
     assert (options["lock_duration"], options["max_delivery_count"]) == (timedelta(seconds=30), 5)
     [updated] = admin.updated
     assert (updated.lock_duration, updated.max_delivery_count) == (timedelta(seconds=30), 5)
-    with pytest.raises(TopologyError, match=r"steps\.b"):
+    # Sessions cannot be turned off (or on) once a queue exists.
+    with pytest.raises(TopologyError, match=r"'steps\.b' exists with sessions"):
         await create_topology(stand_in, ["steps.b"])
+    await create_topology(stand_in, ["steps.b"], session_queues={"steps.b"})
 
 
 async def test_a_bus_from_a_connection_string_is_built_and_closed_offline() -> None:

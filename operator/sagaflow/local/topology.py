@@ -1,7 +1,7 @@
 """`sagaflow servicebus-topology`: create the Service Bus queues sagaflow needs, on request.
 
 Nothing creates queues at run time; a platform team runs this once (or declares the
-same queues in its infrastructure code): `sagaflow.events` plus one session-enabled
+same queues in its infrastructure code): `sagaflow.events` plus one
 `steps.<prefix>` queue per step-type prefix.
 """
 
@@ -36,6 +36,7 @@ async def run_topology(
             namespace=settings.servicebus_namespace,
             lock_duration=settings.lock_duration_seconds,
             max_delivery_count=settings.max_delivery_count,
+            session_queues=settings.session_queues,
         )
     except (ServiceBusAdapterError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -20,12 +20,13 @@ def make_bus(settings: Settings, pool: asyncpg.Pool | None) -> Bus:
         # Postgres bus should not pay.
         from sagaflow.adapters.servicebus.bus import ServiceBusBus
 
+        sessions = settings.session_queues
         if settings.servicebus_connection_string is not None:
             return ServiceBusBus.from_connection_string(
-                settings.servicebus_connection_string.get_secret_value()
+                settings.servicebus_connection_string.get_secret_value(), session_queues=sessions
             )
         assert settings.servicebus_namespace is not None  # the settings model checks this
-        return ServiceBusBus.from_namespace(settings.servicebus_namespace)
+        return ServiceBusBus.from_namespace(settings.servicebus_namespace, session_queues=sessions)
     if pool is None:
         raise ValueError("the Postgres bus needs the state database")
     return PostgresBus(

@@ -14,6 +14,9 @@ with a connection string such as
         peer.restart()           # stop listening, listen again on the same port
 
 `running_peer` works with `with` and `async with`; the peer runs on its own thread.
+`running_peer(..., speed=20)` runs the peer's clock 20 times as fast as real time (a
+30 s lock ends after 1.5 s); everything the peer reports is in that clock, which
+`peer.now()` reads (see `fixture`).
 
 Layers, each its own module: `entities` (state and its indexes) under `broker` (the
 queue rules, pure, injectable clock), with `lifecycle` (transitions several rules

@@ -5,10 +5,22 @@ on exit; it is a context manager for `with` and `async with` alike, because the 
 runs on its own thread and starting or stopping it is quick and blocking. Methods
 that touch state run on the peer's thread (`PeerLoop.call`), so tests may call them
 from any thread, including an event loop's.
+
+Time: the peer keeps one clock for everything it decides and reports (lock expiry and
+locked-until times, scheduled and enqueue times, message expiry, how long a
+next-available attach is held). With `speed=S` that clock starts at the real time and
+runs S times as fast, so a 30 s lock ends after 30/S real seconds and the times the SDK
+sees are in the peer's time; tests read it with `peer.now()` (an aware UTC datetime)
+and compute schedule times and expected lock ends from it, not from the real clock.
+Waits the client asks for (`com.microsoft:timeout`) count in peer time too, while
+heartbeats and `restart`'s downtime stay in real time. The default, 1, is the real
+clock.
 """
 
 from __future__ import annotations
 
+import datetime
+import math
 import time
 import uuid
 from collections.abc import Mapping
@@ -43,16 +55,44 @@ class ServiceBusPeer:
         port: int = 0,
         key_name: str = "test",
         key: str = "dGVzdA==",
+        speed: float = 1.0,
     ) -> None:
+        """`speed`: peer seconds per real second (see the module docstring)."""
+        if not (math.isfinite(speed) and speed > 0):
+            raise ValueError(
+                f"speed is peer seconds per real second and must be finite and > 0, not {speed!r}"
+            )
         self.host = host
         self.key_name = key_name
         self.key = key
-        self._broker = Broker(time.time)
+        self._speed = float(speed)
+        self._origin = time.time()
+        self._broker = Broker(self.clock)
         for name, spec in (queues or {}).items():
             self._broker.add_queue(name, spec)
         self._loop = PeerLoop(
-            PeerHandler(self._broker, time.time), host=host, port=port, verify=self._verify
+            PeerHandler(self._broker, self.clock),
+            host=host,
+            port=port,
+            verify=self._verify,
+            clock=self.clock,
+            speed=self._speed,
         )
+
+    @property
+    def speed(self) -> float:
+        """Peer seconds per real second."""
+        return self._speed
+
+    def clock(self) -> float:
+        """The peer's time, in seconds since the epoch: the clock its broker runs on."""
+        if self._speed == 1.0:
+            return time.time()
+        return self._origin + (time.time() - self._origin) * self._speed
+
+    def now(self) -> datetime.datetime:
+        """The peer's time as an aware UTC datetime, for schedule times and lock checks."""
+        return datetime.datetime.fromtimestamp(self.clock(), datetime.UTC)
 
     def _verify(self, user: str, password: str) -> bool:
         return user == self.key_name and password == self.key
@@ -116,7 +156,8 @@ class ServiceBusPeer:
         self._loop.call(self._loop.drop_all)
 
     def restart(self, downtime: float = 0.0) -> None:
-        """Stop listening and drop every connection; after `downtime` s listen on the same port.
+        """Stop listening and drop every connection; after `downtime` real seconds listen
+        on the same port.
 
         Broker state (queues, messages, session state) survives, as it would across a
         Service Bus gateway restart; locks held by dropped connections are released
@@ -144,8 +185,11 @@ class running_peer:
         host: str = "127.0.0.1",
         key_name: str = "test",
         key: str = "dGVzdA==",
+        speed: float = 1.0,
     ) -> None:
-        self._peer = ServiceBusPeer(queues, host=host, port=port, key_name=key_name, key=key)
+        self._peer = ServiceBusPeer(
+            queues, host=host, port=port, key_name=key_name, key=key, speed=speed
+        )
 
     def __enter__(self) -> ServiceBusPeer:
         self._peer.start()

@@ -8,6 +8,12 @@ held session attaches). So this module drives proton's engine API directly: per
 connection a `Transport` and `Connection`, one shared `Collector`, events handed to
 the protocol handler, which never touches a socket.
 
+Two time bases meet here. The handler's deadlines are in the peer's clock, which may
+run `speed` times as fast as real time (see `fixture`), so the loop divides the time
+left to a deadline by `speed` to get its select timeout. proton's transports are
+ticked with real time: heartbeats and idle timeouts are agreed with the client, whose
+clock is not accelerated.
+
 Everything the handler and broker own is touched only on the loop thread; other
 threads reach it through `call`, which runs a function there and waits for its result.
 An exception in the handler for one event closes that connection with
@@ -20,6 +26,7 @@ import concurrent.futures
 import contextlib
 import functools
 import logging
+import math
 import queue
 import selectors
 import socket
@@ -69,8 +76,16 @@ class PeerLoop:
         host: str = "127.0.0.1",
         port: int = 0,
         verify: Verifier | None = None,
+        clock: Callable[[], float] = time.time,
+        speed: float = 1.0,
     ) -> None:
+        """`clock` is the handler's clock (its deadlines are in it); it runs `speed` times
+        as fast as real time."""
+        if not (math.isfinite(speed) and speed > 0):
+            raise ValueError(f"speed must be a finite number greater than 0, not {speed!r}")
         self._handler = handler
+        self._clock = clock
+        self._speed = speed
         self._host = host
         self._port = port
         self._verify = verify
@@ -171,11 +186,14 @@ class PeerLoop:
             self._service_channels()
 
     def _timeout(self) -> float:
-        deadlines = [self._handler.next_deadline(), self._next_tick]
-        upcoming = [deadline for deadline in deadlines if deadline is not None]
-        if not upcoming:
-            return 1.0
-        return min(max(min(upcoming) - time.time(), 0.0), 1.0)
+        """Real seconds until the nearest deadline, capped at one second."""
+        waits = [1.0]
+        deadline = self._handler.next_deadline()
+        if deadline is not None:
+            waits.append((deadline - self._clock()) / self._speed)
+        if self._next_tick is not None:
+            waits.append(self._next_tick - time.time())
+        return max(min(waits), 0.0)
 
     def _ready(self, source: object, mask: int) -> None:
         if source is self._wake_r:
@@ -289,7 +307,7 @@ class PeerLoop:
                     channel.connection.close()
 
     def _service_channels(self) -> None:
-        now = time.time()
+        now = time.time()  # real time: see the module docstring
         self._next_tick = None
         for channel in list(self._channels.values()):
             try:

@@ -1,10 +1,12 @@
 """The Azure Service Bus adapter: the production `Bus` (`ServiceBusBus`), the narrow
-client interface it is written against (`SessionClient`) with its SDK implementation,
-and the topology helper an operator runs on request (`create_topology`).
+client interface it is written against (`SessionClient`) with its SDK implementation
+(`AzureSessionClient`), and the topology helper an operator runs on request
+(`create_topology`).
 
 See `docs/servicebus.md` for the queues, sessions, auth and size limits.
 """
 
+from sagaflow.adapters.servicebus.azure_client import AzureSessionClient
 from sagaflow.adapters.servicebus.bus import (
     STANDARD_TIER_MAX_BYTES,
     BusOptions,
@@ -12,9 +14,9 @@ from sagaflow.adapters.servicebus.bus import (
     topology_queues,
 )
 from sagaflow.adapters.servicebus.client import (
-    AzureSessionClient,
     Delivery,
     MessageTooLargeError,
+    QueueLink,
     RetryPolicy,
     ServiceBusAdapterError,
     ServiceBusTransientError,
@@ -31,6 +33,7 @@ __all__ = [
     "BusOptions",
     "Delivery",
     "MessageTooLargeError",
+    "QueueLink",
     "RetryPolicy",
     "ServiceBusAdapterError",
     "ServiceBusBus",

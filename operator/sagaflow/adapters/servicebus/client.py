@@ -1,11 +1,13 @@
-"""The Azure SDK boundary: the narrow client the Service Bus bus needs (`SessionClient`)
-and its implementation over `azure.servicebus.aio`, plus the topology helper.
+"""The narrow client the Service Bus bus is written against, and the SDK's errors.
 
-`SessionClient` names exactly what `bus.py` uses, so the adapter is tested against an
-in-memory fake and no SDK type leaves this module. SDK exceptions are translated here,
-the SDK error kept as `__cause__`: a lost session or message lock becomes the port's
-`MessageLockLostError`, an oversized message `MessageTooLargeError`, a transient fault is
-retried with exponential backoff a bounded number of times and then raised as
+`SessionClient` names exactly what `bus.py` and its receivers use (send a batch, accept
+the next session of a session queue, open a long-lived link on a plain queue or a
+dead-letter subqueue, peek dead letters), so the adapter is tested against an in-memory
+fake as well as over the real SDK; `azure_client.py` implements it and no SDK type
+leaves that module. SDK exceptions are translated here, the SDK error kept as
+`__cause__`: a lost session or message lock becomes the port's `MessageLockLostError`,
+an oversized message `MessageTooLargeError`, a transient fault is retried with
+exponential backoff a bounded number of times and then raised as
 `ServiceBusTransientError`, any other Azure error `ServiceBusAdapterError`. The SDK's own
 retries are off (`retry_total=0`): one retry layer, whose count and delays are ours.
 """
@@ -13,39 +15,21 @@ retries are off (`retry_total=0`): one retry layer, whose count and delays are o
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import random
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from datetime import datetime
+from typing import Any, Protocol, TypeVar, cast
 
 from azure.core.exceptions import AzureError
-from azure.servicebus import (
-    NEXT_AVAILABLE_SESSION,
-    ServiceBusMessage,
-    ServiceBusMessageBatch,
-    ServiceBusReceivedMessage,
-    ServiceBusSubQueue,
-)
 from azure.servicebus import exceptions as sdk_errors
-from azure.servicebus.aio import ServiceBusClient, ServiceBusReceiver, ServiceBusSender
 
-from sagaflow.core.ports import DeadLetter, MessageLockLostError, utc_now
-
-if TYPE_CHECKING:
-    from azure.core.credentials_async import AsyncTokenCredential
+from sagaflow.core.ports import DeadLetter, MessageLockLostError
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-# The SDK refuses a wait of 0; the broker answers an accept within this when a session
-# is ready, so it is the shortest useful "is anything there now?".
-_MIN_WAIT = 0.05
-# A session lock the SDK did not report: let the broker judge when settling.
-_UNKNOWN_LOCK_EXPIRY = datetime.max.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +45,8 @@ class WireMessage:
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    """A message received in a session, locked by that session's lock."""
+    """A received message: locked by its own lock on a plain queue, by its session's
+    lock in a session."""
 
     message_id: str
     session_id: str
@@ -74,6 +59,8 @@ class Delivery:
     # Received from a dead-letter sub-queue: why it was put there.
     dead_letter_reason: str = ""
     dead_letter_description: str = ""
+    # The message's own lock (plain queues); None in a session, whose lock covers it.
+    locked_until: datetime | None = None
 
 
 class ServiceBusAdapterError(Exception):
@@ -93,7 +80,20 @@ class TopologyError(ServiceBusAdapterError):
     """An existing queue cannot serve sagaflow (sessions are off and cannot be turned on)."""
 
 
-class SessionReceiver(Protocol):
+class Settler(Protocol):
+    """What settles a delivery: the session or queue link it was received on."""
+
+    async def complete(self, delivery: Delivery) -> None: ...
+
+    async def abandon(self, delivery: Delivery) -> None: ...
+
+    async def dead_letter(self, delivery: Delivery, *, reason: str, description: str) -> None: ...
+
+
+Settlement = Callable[[Settler, Delivery], Awaitable[None]]
+
+
+class SessionReceiver(Settler, Protocol):
     """One accepted session: locked to this receiver until closed or the lock expires.
     Operations raise `MessageLockLostError` once the session lock is lost."""
 
@@ -105,18 +105,30 @@ class SessionReceiver(Protocol):
 
     async def receive(self, max_messages: int, max_wait: float) -> list[Delivery]: ...
 
-    async def complete(self, delivery: Delivery) -> None: ...
-
-    async def abandon(self, delivery: Delivery) -> None: ...
-
-    async def dead_letter(self, delivery: Delivery, *, reason: str, description: str) -> None: ...
-
     async def renew_lock(self) -> datetime:
         """Extend the session lock (which covers its messages); return the new expiry."""
         ...
 
     async def close(self) -> None:
         """Release the session: its unsettled messages become receivable again."""
+        ...
+
+
+class QueueLink(Settler, Protocol):
+    """A long-lived peek-lock receiver on a queue without sessions, or on a dead-letter
+    subqueue: every message has a lock of its own. Kept open and reused by every receive,
+    so a receive costs no link or connection of its own."""
+
+    @property
+    def queue(self) -> str: ...
+
+    async def receive(self, max_messages: int, max_wait: float) -> list[Delivery]:
+        """Lock up to `max_messages`; wait up to `max_wait` s for them (returns as soon as
+        `max_messages` came, else when the wait ends)."""
+        ...
+
+    async def renew_lock(self, delivery: Delivery) -> datetime:
+        """Extend this message's lock; return the new expiry."""
         ...
 
 
@@ -129,12 +141,11 @@ class SessionClient(Protocol):
         """Lock the next session with available messages; None if none within `max_wait` s."""
         ...
 
-    async def peek_dead_letters(self, queue: str) -> list[DeadLetter]: ...
-
-    async def open_dead_letters(self, queue: str) -> SessionReceiver:
-        """A peek-lock receiver on `queue`'s dead-letter sub-queue (no session: its
-        `session_id` is empty and its lock is the earliest of its messages')."""
+    async def open_queue(self, queue: str, *, dead_letters: bool = False) -> QueueLink:
+        """The link on `queue` (or its dead-letter subqueue), opened once and kept."""
         ...
+
+    async def peek_dead_letters(self, queue: str) -> list[DeadLetter]: ...
 
     async def close(self) -> None: ...
 
@@ -186,7 +197,9 @@ def translate_error(exc: BaseException, what: str) -> BaseException:
     return exc
 
 
-class _Retrying:
+class Retrying:
+    """The one retry layer: transient faults retried per `RetryPolicy`, errors translated."""
+
     def __init__(self, policy: RetryPolicy, sleep: Callable[[float], Awaitable[None]]) -> None:
         self._policy = policy
         self._sleep = sleep
@@ -210,291 +223,10 @@ class _Retrying:
                 raise error from exc
 
 
-def to_sdk_message(message: WireMessage) -> ServiceBusMessage:
-    return ServiceBusMessage(
-        message.body,
-        message_id=message.message_id,
-        session_id=message.session_id,
-        content_type=message.content_type,
-        scheduled_enqueue_time_utc=message.scheduled_enqueue_time_utc,
-    )
-
-
-def delivery_from_sdk(message: ServiceBusReceivedMessage) -> Delivery:
-    return Delivery(
-        message_id=str(message.message_id),
-        session_id=str(message.session_id),
-        body=_body_bytes(message.body),
-        # The broker sends AMQP's zero-based count of earlier deliveries; the Python SDK
-        # passes it through (the .NET SDK adds one). The port counts this delivery too.
-        delivery_count=(message.delivery_count or 0) + 1,
-        enqueued_at=message.enqueued_time_utc or utc_now(),
-        lock_token=str(message.lock_token),
-        raw=message,
-        dead_letter_reason=message.dead_letter_reason or "",
-        dead_letter_description=message.dead_letter_error_description or "",
-    )
-
-
-def dead_letter_from_sdk(queue: str, message: ServiceBusReceivedMessage) -> DeadLetter:
-    return DeadLetter(
-        queue=queue,
-        message_id=str(message.message_id),
-        session_id=str(message.session_id or ""),
-        body=_body_bytes(message.body),
-        reason=message.dead_letter_reason or "",
-        description=message.dead_letter_error_description or "",
-        # A peeked message carries the broker's own count, not the delivery header.
-        delivery_count=message.delivery_count or 0,
-        # Service Bus records no dead-lettering time; the enqueue time is the nearest.
-        dead_lettered_at=message.enqueued_time_utc or utc_now(),
-    )
-
-
-def _body_bytes(body: Any) -> bytes:
-    """A received body as bytes: the SDK hands out data sections as an iterator."""
-    if isinstance(body, bytes | str):
-        return body.encode() if isinstance(body, str) else body
-    parts = list(body) if isinstance(body, Iterable) else [body]
-    if all(isinstance(part, bytes) for part in parts):
-        return b"".join(parts)
-    # A value or sequence body from a foreign sender: not our JSON, dead-lettered downstream.
-    return repr(parts).encode()
-
-
-def _fill(batch: ServiceBusMessageBatch, pending: Sequence[ServiceBusMessage], queue: str) -> int:
-    """Add messages from the front of `pending` until the batch is full; how many fit."""
-    for taken, message in enumerate(pending):
-        try:
-            batch.add_message(message)
-        except sdk_errors.MessageSizeExceededError as exc:
-            if taken == 0:
-                raise MessageTooLargeError(
-                    f"message {message.message_id!r} for {queue!r} exceeds the "
-                    f"{batch.max_size_in_bytes}-byte message size limit"
-                ) from exc
-            return taken
-    return len(pending)
-
-
-class AzureSessionClient:
-    """`SessionClient` over an `azure.servicebus.aio.ServiceBusClient`.
-
-    Senders are kept per queue (a link each); every accepted session is a receiver of
-    its own, closed when the session is released."""
-
-    def __init__(
-        self,
-        sdk: ServiceBusClient,
-        *,
-        credential: AsyncTokenCredential | None = None,
-        retry: RetryPolicy | None = None,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-        peek_batch: int = 250,
-    ) -> None:
-        self._sdk = sdk
-        self._credential = credential  # closed with the client when it made it
-        self._call = _Retrying(retry or RetryPolicy(), sleep)
-        self._peek_batch = peek_batch
-        self._senders: dict[str, ServiceBusSender] = {}
-        self._receivers: set[ServiceBusReceiver] = set()
-
-    @classmethod
-    def from_connection_string(
-        cls, connection_string: str, *, retry: RetryPolicy | None = None
-    ) -> AzureSessionClient:
-        sdk = ServiceBusClient.from_connection_string(connection_string, retry_total=0)
-        return cls(sdk, retry=retry)
-
-    @classmethod
-    def from_namespace(
-        cls,
-        namespace: str,
-        *,
-        credential: AsyncTokenCredential | None = None,
-        retry: RetryPolicy | None = None,
-    ) -> AzureSessionClient:
-        """`namespace` is NAME.servicebus.windows.net. Without a credential, azure-identity's
-        DefaultAzureCredential (workload identity on AKS, managed identity, az login)."""
-        owned = None
-        if credential is None:
-            from azure.identity.aio import DefaultAzureCredential
-
-            credential = owned = DefaultAzureCredential()
-        sdk = ServiceBusClient(namespace, credential, retry_total=0)
-        return cls(sdk, credential=owned, retry=retry)
-
-    async def send(self, queue: str, messages: Sequence[WireMessage]) -> None:
-        sender = self._senders.get(queue)
-        if sender is None:
-            sender = self._senders[queue] = self._sdk.get_queue_sender(queue)
-        pending = [to_sdk_message(m) for m in messages]
-        # Batch by batch, each retried alone: a retry never resends a batch that went.
-        while pending:
-            batch = await self._call(f"opening a batch for {queue!r}", sender.create_message_batch)
-            taken = _fill(batch, pending, queue)
-            send = functools.partial(sender.send_messages, batch)
-            await self._call(f"sending {taken} message(s) to {queue!r}", send)
-            pending = pending[taken:]
-
-    async def accept_next_session(self, queue: str, *, max_wait: float) -> SessionReceiver | None:
-        open_next = functools.partial(self._open_next_session, queue, max(max_wait, _MIN_WAIT))
-        receiver = await self._call(f"accepting a session of {queue!r}", open_next)
-        return None if receiver is None else _AzureSession(self._call, receiver, self._discard)
-
-    async def _open_next_session(self, queue: str, wait: float) -> ServiceBusReceiver | None:
-        # A fresh receiver per try: one whose open failed is not reused.
-        receiver = self._sdk.get_queue_receiver(
-            queue, session_id=NEXT_AVAILABLE_SESSION, max_wait_time=wait, prefetch_count=0
-        )
-        self._receivers.add(receiver)
-        try:
-            await receiver.__aenter__()
-        except sdk_errors.OperationTimeoutError:
-            # The broker's answer when no session became available in time.
-            await self._discard(receiver)
-            return None
-        except BaseException:
-            await self._discard(receiver)
-            raise
-        return receiver
-
-    async def peek_dead_letters(self, queue: str) -> list[DeadLetter]:
-        receiver = self._sdk.get_queue_receiver(queue, sub_queue=ServiceBusSubQueue.DEAD_LETTER)
-        self._receivers.add(receiver)
-        found: list[DeadLetter] = []
-        try:
-            sequence = 1
-            while True:
-                peek = functools.partial(
-                    receiver.peek_messages, self._peek_batch, sequence_number=sequence
-                )
-                page = await self._call(f"peeking the dead letters of {queue!r}", peek)
-                if not page:
-                    return found
-                found.extend(dead_letter_from_sdk(queue, m) for m in page)
-                sequence = max(m.sequence_number or 0 for m in page) + 1
-        finally:
-            await self._discard(receiver)
-
-    async def open_dead_letters(self, queue: str) -> SessionReceiver:
-        receiver = self._sdk.get_queue_receiver(
-            queue, sub_queue=ServiceBusSubQueue.DEAD_LETTER, prefetch_count=0
-        )
-        self._receivers.add(receiver)
-        try:
-            await self._call(f"opening the dead letters of {queue!r}", receiver.__aenter__)
-        except BaseException:
-            await self._discard(receiver)
-            raise
-        return _AzureDeadLetters(self._call, receiver, self._discard)
-
-    async def _discard(self, receiver: ServiceBusReceiver) -> None:
-        self._receivers.discard(receiver)
-        try:
-            await receiver.close()
-        except Exception as exc:  # closing a link the broker already dropped
-            log.debug("closing a Service Bus receiver failed: %s", exc)
-
-    async def close(self) -> None:
-        links = [*self._senders.values(), *self._receivers]
-        self._senders, self._receivers = {}, set()
-        for link in links:
-            try:
-                await link.close()
-            except Exception as exc:  # a link the broker already dropped
-                log.debug("closing a Service Bus link failed: %s", exc)
-        await self._sdk.close()
-        if self._credential is not None:
-            await self._credential.close()
-
-
-class _AzureSession:
-    """A session receiver: the SDK receiver whose link holds the session lock."""
-
-    def __init__(
-        self,
-        call: _Retrying,
-        receiver: ServiceBusReceiver,
-        discard: Callable[[ServiceBusReceiver], Awaitable[None]],
-    ) -> None:
-        self._call = call
-        self._receiver = receiver
-        self._discard = discard
-        self._closed = False
-        self._id = self._session_id()
-
-    def _session_id(self) -> str:
-        return str(self._receiver.session.session_id)
-
-    @property
-    def session_id(self) -> str:
-        return self._id
-
-    @property
-    def locked_until(self) -> datetime:
-        return self._receiver.session.locked_until_utc or _UNKNOWN_LOCK_EXPIRY
-
-    async def receive(self, max_messages: int, max_wait: float) -> list[Delivery]:
-        receive = functools.partial(
-            self._receiver.receive_messages,
-            max_message_count=max_messages,
-            max_wait_time=max(max_wait, _MIN_WAIT),
-        )
-        return [delivery_from_sdk(m) for m in await self._run("receiving", receive)]
-
-    async def complete(self, delivery: Delivery) -> None:
-        await self._run(
-            "completing", functools.partial(self._receiver.complete_message, delivery.raw)
-        )
-
-    async def abandon(self, delivery: Delivery) -> None:
-        await self._run(
-            "abandoning", functools.partial(self._receiver.abandon_message, delivery.raw)
-        )
-
-    async def dead_letter(self, delivery: Delivery, *, reason: str, description: str) -> None:
-        dead_letter = functools.partial(
-            self._receiver.dead_letter_message,
-            delivery.raw,
-            reason=reason,
-            error_description=description,
-        )
-        await self._run("dead-lettering", dead_letter)
-
-    async def renew_lock(self) -> datetime:
-        return await self._run("renewing the lock", self._receiver.session.renew_lock)
-
-    async def _run(self, verb: str, operation: Callable[[], Awaitable[T]]) -> T:
-        if self._closed:  # the SDK would raise a bare ValueError for a closed receiver
-            raise MessageLockLostError(f"session {self._id!r} was released")
-        return await self._call(f"{verb} in session {self._id!r}", operation)
-
-    async def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            await self._discard(self._receiver)
-
-
-class _AzureDeadLetters(_AzureSession):
-    """A receiver on a dead-letter sub-queue: no session; each message has its own lock,
-    and the earliest of them stands for the receiver's."""
-
-    _locked_until = _UNKNOWN_LOCK_EXPIRY
-
-    def _session_id(self) -> str:
-        return ""
-
-    @property
-    def locked_until(self) -> datetime:
-        return self._locked_until
-
-    async def receive(self, max_messages: int, max_wait: float) -> list[Delivery]:
-        got = await super().receive(max_messages, max_wait)
-        locks = [d.raw.locked_until_utc for d in got if d.raw.locked_until_utc is not None]
-        if locks:
-            self._locked_until = min(locks)
-        return got
-
-    async def renew_lock(self) -> datetime:
-        raise MessageLockLostError("dead letters are settled at once, not renewed")
+async def gather_all(awaitables: Iterable[Awaitable[T]]) -> list[T]:
+    """Await all, let every one finish, then raise the first failure if any."""
+    results = await asyncio.gather(*awaitables, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return cast("list[T]", results)

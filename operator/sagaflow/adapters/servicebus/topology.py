@@ -1,12 +1,13 @@
 """Creating the Service Bus queues sagaflow needs: only on request, never at run time.
 
-Session-enabled queues with duplicate detection on the message id: `sagaflow.events`
-and one `steps.<prefix>` per step-type prefix (see docs/servicebus.md).
+Plain (session-less) queues with duplicate detection on the message id:
+`sagaflow.events` and one `steps.<prefix>` per step-type prefix (see docs/servicebus.md
+and, for why no sessions, docs/design.md).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
@@ -25,24 +26,26 @@ async def create_topology(
     lock_duration: float = 30.0,
     max_delivery_count: int = 10,
     duplicate_detection_window: timedelta = timedelta(minutes=10),
+    session_queues: Collection[str] = (),
 ) -> list[str]:
     """Make every queue in `queues` exist as sagaflow needs it; return those created.
 
-    New queues are session-enabled with duplicate detection on the message id. Existing
-    ones must have sessions (which cannot be turned on later: TopologyError otherwise);
-    their lock duration and max delivery count are set to the values given. Called by an
-    operator on request, never at run time."""
+    New queues have duplicate detection on the message id, and sessions only if named
+    in `session_queues`. An existing queue must agree on sessions (the setting cannot be changed
+    after creation: TopologyError otherwise); its lock duration and max delivery count
+    are set to the values given. Called by an operator on request, never at run time."""
     if not 0 < lock_duration <= 300 or max_delivery_count < 1:
         raise ValueError("lock_duration must be in (0, 300] s and max_delivery_count >= 1")
     lock = timedelta(seconds=lock_duration)
     created: list[str] = []
     for name in queues:
+        sessions = name in session_queues
         try:
             queue = await admin.get_queue(name)
         except ResourceNotFoundError:
             await admin.create_queue(
                 name,
-                requires_session=True,
+                requires_session=sessions,
                 lock_duration=lock,
                 max_delivery_count=max_delivery_count,
                 requires_duplicate_detection=True,
@@ -50,10 +53,12 @@ async def create_topology(
             )
             created.append(name)
             continue
-        if not queue.requires_session:
+        if bool(queue.requires_session) != sessions:
+            have, need = ("with", "without") if queue.requires_session else ("without", "with")
             raise TopologyError(
-                f"queue {name!r} exists without sessions, which cannot be turned on: "
-                "delete it and run create_topology again"
+                f"queue {name!r} exists {have} sessions and sagaflow needs it {need}; the "
+                "setting cannot be changed after creation: delete the queue (once it is "
+                "drained) and run the topology command again"
             )
         if queue.lock_duration != lock or queue.max_delivery_count != max_delivery_count:
             queue.lock_duration = lock
@@ -69,6 +74,7 @@ async def ensure_topology(
     namespace: str | None,
     lock_duration: float,
     max_delivery_count: int,
+    session_queues: Collection[str] = (),
 ) -> list[str]:
     """Open an administration client (connection string, or azure-identity on the
     namespace), create what `queues` lack with `create_topology`, and close it."""
@@ -87,7 +93,11 @@ async def ensure_topology(
     try:
         async with admin:
             return await create_topology(
-                admin, queues, lock_duration=lock_duration, max_delivery_count=max_delivery_count
+                admin,
+                queues,
+                lock_duration=lock_duration,
+                max_delivery_count=max_delivery_count,
+                session_queues=session_queues,
             )
     finally:
         if credential is not None:
