@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sagaflow.settings import SettingsError, load_settings
+from sagaflow.core.ports import BusSetupError
+from sagaflow.settings import Settings, SettingsError, load_settings
 
 DEFAULT_STATE_DIR = Path(".sagaflow")
 
@@ -154,6 +155,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    try:
+        return _dispatch(args, settings)
+    except BusSetupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "run":
         from sagaflow.local.run import run_local
 

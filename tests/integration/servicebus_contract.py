@@ -251,6 +251,9 @@ class FakeClient:
     async def send(self, queue: str, messages: Sequence[WireMessage]) -> None:
         self.namespace.send(queue, messages)
 
+    async def open_sender(self, queue: str) -> None:
+        self.namespace.fault("open")
+
     async def accept_next_session(self, queue: str, *, max_wait: float) -> FakeSession | None:
         session = await self.namespace.accept(self, queue, max_wait)
         if session is not None:
@@ -357,6 +360,9 @@ class FakeDeadLetters:
         self.queue = dead_letter_queue(queue)
         self.closed = False
         self._held: dict[str, DeadLetter] = {}
+
+    async def open(self) -> None:
+        self.namespace.fault("open")
 
     async def receive(self, max_messages: int, max_wait: float) -> list[Delivery]:
         self.namespace.fault("receive")

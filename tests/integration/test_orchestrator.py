@@ -271,6 +271,9 @@ class OutsideBus:
     def __init__(self, inner: PostgresBus) -> None:
         self.inner = inner
 
+    async def prepare(self, *, send: Sequence[str] = (), receive: Sequence[str] = ()) -> None:
+        await self.inner.prepare(send=send, receive=receive)
+
     async def send(self, messages: Sequence[OutgoingMessage]) -> None:
         await self.inner.send(messages)
 

@@ -583,7 +583,7 @@ class StubSdk:
         self.send_errors: list[Exception] = []
         self.closed = False
 
-    def get_queue_sender(self, queue: str) -> StubSender:
+    def get_queue_sender(self, queue: str, **kwargs: Any) -> StubSender:
         return self.senders.setdefault(queue, StubSender(self))
 
     def get_queue_receiver(self, queue: str, **kwargs: Any) -> StubReceiver:

@@ -60,6 +60,9 @@ class FakeBus:
     def results(self) -> list[StepResult]:
         return [decode_result(m.body) for m in self.sent]
 
+    async def prepare(self, *, send: Sequence[str] = (), receive: Sequence[str] = ()) -> None:
+        pass
+
     async def send(self, messages: Sequence[OutgoingMessage]) -> None:
         self.calls.append("send")
         for message in messages:

@@ -90,8 +90,19 @@ class MessageLockLostError(Exception):
     """Settling a message whose lock expired or was taken by another receiver."""
 
 
+class BusSetupError(Exception):
+    """The bus cannot serve a queue a process needs (it does not exist, or access is
+    denied): found when the process starts, not by a message that never arrives."""
+
+
 @runtime_checkable
 class Bus(Protocol):
+    async def prepare(self, *, send: Sequence[str] = (), receive: Sequence[str] = ()) -> None:
+        """Open what sending to `send` and receiving from `receive` needs, at once and
+        ahead of the first message; BusSetupError, naming the queue, if one cannot be
+        served. A bus that needs nothing opened does nothing."""
+        ...
+
     async def send(self, messages: Sequence[OutgoingMessage]) -> None: ...
 
     async def receive(

@@ -30,7 +30,8 @@ from typing import TextIO
 
 from sagaflow.adapters.postgres import reads
 from sagaflow.core.definition import BUILTIN_TYPES
-from sagaflow.core.manifests import ExecutionPhase
+from sagaflow.core.manifests import ExecutionPhase, WorkflowSpec
+from sagaflow.core.messages import EVENTS_QUEUE, commands_queue
 from sagaflow.core.state import ExecutionState
 from sagaflow.local.drive import Interrupts, drive
 from sagaflow.local.inputs import InvalidInputError, load_manifests
@@ -108,6 +109,7 @@ async def run_local(
                 async with open_orchestrator(settings, state_dir, give_up=interrupts.stop) as w:
                     for namespace, name, spec in workflows:
                         await w.orchestrator.apply_workflow(namespace, name, spec)
+                    await w.bus.prepare(send=_command_queues(workflows), receive=[EVENTS_QUEUE])
                     ids = await drive(
                         w.orchestrator,
                         w.bus,
@@ -137,6 +139,13 @@ async def run_local(
         )
         return interrupts.code
     return EXIT_OK if counts.get("Completed", 0) == len(requests) else EXIT_NOT_COMPLETED
+
+
+def _command_queues(workflows: Sequence[tuple[str, str, WorkflowSpec]]) -> list[str]:
+    """The queues the files' step types (forward and compensating) are sent to."""
+    types = {s.type for _, _, spec in workflows for s in spec.steps}
+    types |= {s.compensate.type for _, _, spec in workflows for s in spec.steps if s.compensate}
+    return sorted({commands_queue(t) for t in types - BUILTIN_TYPES})
 
 
 async def _pages(

@@ -45,6 +45,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from sagaflow.core.messages import (
+    EVENTS_QUEUE,
     MalformedMessageError,
     StepResult,
     commands_queue,
@@ -145,6 +146,7 @@ class RunnerWorker:
         if not queues:
             raise RuntimeError("no step handlers registered: load the step modules first")
         log.info("runner serving %s (%s)", ", ".join(queues), ", ".join(self._registry.types()))
+        await self._bus.prepare(send=[EVENTS_QUEUE], receive=queues)
         settler = asyncio.create_task(self._settler.run(), name="sagaflow-runner-settler")
         watchdog = LoopWatchdog(
             asyncio.get_running_loop(), self._loop_block_seconds, self.describe_task

@@ -112,6 +112,9 @@ class PostgresBus:
 
     # -- sending ------------------------------------------------------------------
 
+    async def prepare(self, *, send: Sequence[str] = (), receive: Sequence[str] = ()) -> None:
+        """Nothing to open: a queue is rows in the state database."""
+
     async def send(self, messages: Sequence[OutgoingMessage]) -> None:
         if messages:
             async with self._pool.acquire() as conn:

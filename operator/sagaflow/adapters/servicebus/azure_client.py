@@ -32,6 +32,8 @@ from sagaflow.adapters.servicebus.client import (
     RetryPolicy,
     ServiceBusTransientError,
     WireMessage,
+    gather_all,
+    translate_error,
 )
 from sagaflow.core.ports import DeadLetter, MessageLockLostError, dead_letter_queue, utc_now
 
@@ -51,6 +53,30 @@ _MIN_WAIT = 0.01
 _SOCKET_TIMEOUT = 0.01
 # A session lock the SDK did not report: let the broker judge when settling.
 _UNKNOWN_LOCK_EXPIRY = datetime.max.replace(tzinfo=UTC)
+# `_link_gone`'s stand-in for an SDK receiver attribute that does not exist.
+_STILL_OPEN = object()
+# The SDK module that logs a handler's unexpected errors, with their tracebacks.
+_SDK_HANDLER_LOG = "azure.servicebus.aio._base_handler_async"
+
+
+class _HandlerRaceFilter(logging.Filter):
+    """Keeps one known SDK race out of the error log. When a connection breaks under
+    several calls on one receiver at once, the call that meets the fault first shuts
+    the SDK's AMQP handler down, and the others, still under way, then use it as None
+    (Azure/azure-sdk-for-python#35618 and #36334, open): the SDK logs an ERROR with
+    a traceback for each and raises a generic error, which this adapter turns into a
+    lost lock (`_AzureQueue._on_owner`). The record is logged again here at INFO,
+    without the traceback; any other SDK error passes untouched."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, AttributeError) and str(exc).startswith("'NoneType' object"):
+            log.info("the SDK used a handler it had shut down after a connection fault: %s", exc)
+            return False
+        return True
+
+
+_HANDLER_RACE_FILTER = _HandlerRaceFilter()
 
 
 def to_sdk_message(message: WireMessage) -> ServiceBusMessage:
@@ -139,6 +165,9 @@ class AzureSessionClient:
         peek_batch: int = 250,
     ) -> None:
         self._sdk = sdk
+        sdk_log = logging.getLogger(_SDK_HANDLER_LOG)
+        if _HANDLER_RACE_FILTER not in sdk_log.filters:
+            sdk_log.addFilter(_HANDLER_RACE_FILTER)
         self._credential = credential  # closed with the client when it made it
         self._call = Retrying(retry or RetryPolicy(), sleep)
         self._peek_batch = peek_batch
@@ -171,10 +200,19 @@ class AzureSessionClient:
         sdk = ServiceBusClient(namespace, credential, retry_total=0)
         return cls(sdk, credential=owned, retry=retry)
 
-    async def send(self, queue: str, messages: Sequence[WireMessage]) -> None:
+    def _sender(self, queue: str) -> ServiceBusSender:
         sender = self._senders.get(queue)
         if sender is None:
-            sender = self._senders[queue] = self._sdk.get_queue_sender(queue)
+            sender = self._senders[queue] = self._sdk.get_queue_sender(
+                queue, socket_timeout=_SOCKET_TIMEOUT
+            )
+        return sender
+
+    async def open_sender(self, queue: str) -> None:
+        await self._call(f"opening a sender on {queue!r}", self._sender(queue).__aenter__)
+
+    async def send(self, queue: str, messages: Sequence[WireMessage]) -> None:
+        sender = self._sender(queue)
         pending = [to_sdk_message(m) for m in messages]
         # Batch by batch, each retried alone: a retry never resends a batch that went.
         while pending:
@@ -244,14 +282,18 @@ class AzureSessionClient:
 
     async def close(self) -> None:
         links, self._links = list(self._links.values()), {}
-        for link in links:
-            await link.close()
         senders, receivers = list(self._senders.values()), list(self._receivers)
         self._senders, self._receivers = {}, set()
-        for sender in senders:
-            await _close_quietly(sender)
-        for receiver in receivers:
-            await _close_quietly(receiver)
+        # All at once: the SDK's close of a sender or receiver waits for the link's
+        # keep-alive task, which sleeps in one-second steps, so closing them one after
+        # another costs up to a second per link (about ten for a process on five queues).
+        await gather_all(
+            [
+                *(link.close() for link in links),
+                *(_close_quietly(sender) for sender in senders),
+                *(_close_quietly(receiver) for receiver in receivers),
+            ]
+        )
         await self._sdk.close()
         if self._credential is not None:
             await self._credential.close()
@@ -335,10 +377,14 @@ def _dead_letter(
 class _AzureQueue:
     """The kept receiver of a plain queue or dead-letter subqueue (`QueueLink`).
 
-    A transient fault closes the SDK receiver and the next call opens a fresh one: the
-    SDK does not always recover a receiver whose connection broke. Messages received on
-    the old one can no longer be settled (their settlement raises MessageLockLostError)
-    and come back once their locks expire."""
+    A transient fault on the SDK receiver (a dropped connection, a restarted broker)
+    closes it at once, before the fault is retried, and the retry opens a fresh one.
+    The SDK would otherwise reopen its connection inside the same receiver, and a
+    message received before the fault would then be settled through a handler that no
+    longer has its link: the SDK logs a traceback and raises an error that does not say
+    the lock is lost. Messages received on a closed receiver can no longer be settled
+    (MessageLockLostError, without asking the broker) and come back once their locks
+    expire."""
 
     def __init__(self, queue: str, call: Retrying, make: Callable[[], ServiceBusReceiver]) -> None:
         self.queue = queue
@@ -348,13 +394,22 @@ class _AzureQueue:
         self._opening = asyncio.Lock()
         # Lock tokens of messages received on the open receiver and not yet settled.
         self._tokens: set[str] = set()
+        # Calls under way per SDK receiver, and receivers given up to close after theirs.
+        self._in_flight: dict[ServiceBusReceiver, int] = {}
+        self._retired: set[ServiceBusReceiver] = set()
+
+    async def open(self) -> None:
+        await self.receiver()
 
     async def receiver(self) -> ServiceBusReceiver:
+        return await self._call(f"opening a receiver on {self.queue!r}", self._open)
+
+    async def _open(self) -> ServiceBusReceiver:
         async with self._opening:
             if self._receiver is None:
                 receiver = self._make()
                 try:
-                    await self._call(f"opening a receiver on {self.queue!r}", receiver.__aenter__)
+                    await receiver.__aenter__()
                 except BaseException:
                     await _close_quietly(receiver)
                     raise
@@ -362,50 +417,88 @@ class _AzureQueue:
             return self._receiver
 
     async def receive(self, max_messages: int, max_wait: float) -> list[Delivery]:
-        receiver = await self.receiver()
-        receive = functools.partial(
-            receiver.receive_messages,
-            max_message_count=max_messages,
-            max_wait_time=max(max_wait, _MIN_WAIT),
-        )
-        got = [delivery_from_sdk(m) for m in await self._run(receiver, "receiving", receive)]
-        if receiver is self._receiver:
-            self._tokens.update(d.lock_token for d in got)
-        return got
+        async def attempt() -> list[Delivery]:
+            receiver = await self._open()  # a fresh one after a fault: retried with it
+            if _link_gone(receiver):  # shut by the SDK on a fault another call met
+                await self._reset(receiver)
+                receiver = await self._open()
+            got = await self._guarded(
+                receiver,
+                receiver.receive_messages(
+                    max_message_count=max_messages, max_wait_time=max(max_wait, _MIN_WAIT)
+                ),
+            )
+            deliveries = [delivery_from_sdk(m) for m in got]
+            if receiver is self._receiver:
+                self._tokens.update(d.lock_token for d in deliveries)
+            return deliveries
+
+        return await self._call(f"receiving on {self.queue!r}", attempt)
 
     async def complete(self, delivery: Delivery) -> None:
-        receiver = self._owner(delivery)
-        complete = functools.partial(receiver.complete_message, delivery.raw)
-        await self._settle(receiver, delivery, "completing", complete)
+        await self._settle(delivery, "completing", lambda r: r.complete_message(delivery.raw))
 
     async def abandon(self, delivery: Delivery) -> None:
-        receiver = self._owner(delivery)
-        abandon = functools.partial(receiver.abandon_message, delivery.raw)
-        await self._settle(receiver, delivery, "abandoning", abandon)
+        await self._settle(delivery, "abandoning", lambda r: r.abandon_message(delivery.raw))
 
     async def dead_letter(self, delivery: Delivery, *, reason: str, description: str) -> None:
-        receiver = self._owner(delivery)
-        dead_letter = _dead_letter(receiver, delivery, reason, description)
-        await self._settle(receiver, delivery, "dead-lettering", dead_letter)
+        await self._settle(
+            delivery,
+            "dead-lettering",
+            lambda r: _dead_letter(r, delivery, reason, description)(),
+        )
 
     async def _settle(
         self,
-        receiver: ServiceBusReceiver,
         delivery: Delivery,
         verb: str,
-        operation: Callable[[], Awaitable[None]],
+        operation: Callable[[ServiceBusReceiver], Awaitable[None]],
     ) -> None:
         try:
-            await self._run(receiver, verb, operation)
+            await self._on_owner(delivery, verb, operation)
         except MessageLockLostError:
             self._tokens.discard(delivery.lock_token)
             raise
         self._tokens.discard(delivery.lock_token)
 
     async def renew_lock(self, delivery: Delivery) -> datetime:
-        receiver = self._owner(delivery)
-        renew = functools.partial(receiver.renew_message_lock, delivery.raw)
-        return await self._run(receiver, "renewing the lock", renew)
+        return await self._on_owner(
+            delivery, "renewing the lock", lambda r: r.renew_message_lock(delivery.raw)
+        )
+
+    async def _on_owner(
+        self,
+        delivery: Delivery,
+        verb: str,
+        operation: Callable[[ServiceBusReceiver], Awaitable[T]],
+    ) -> T:
+        """`operation` on the receiver `delivery` came on; each retry checks again that it
+        is still the open one (after a fault it is not: the lock is lost)."""
+
+        async def attempt() -> T:
+            receiver = self._owner(delivery)
+            if _link_gone(receiver):
+                # The SDK shut the link down on a fault another call met: its locks can
+                # no longer be settled, and asking would only log a traceback.
+                await self._reset(receiver)
+                raise MessageLockLostError(
+                    f"message {delivery.message_id!r}: its link on {self.queue!r} broke"
+                )
+            try:
+                return await self._guarded(receiver, operation(receiver))
+            except (sdk_errors.ServiceBusError, ValueError) as exc:
+                # The link broke while this call was under way (the SDK raises a bare
+                # ValueError, or an error wrapping an AttributeError, for a handler it
+                # shut down meanwhile): the lock is lost with the link.
+                gone = receiver is not self._receiver or _link_gone(receiver)
+                if gone and not self._transient(exc):
+                    await self._reset(receiver)
+                    raise MessageLockLostError(
+                        f"message {delivery.message_id!r}: its link on {self.queue!r} broke ({exc})"
+                    ) from exc
+                raise
+
+        return await self._call(f"{verb} on {self.queue!r}", attempt)
 
     def _owner(self, delivery: Delivery) -> ServiceBusReceiver:
         """The receiver `delivery` came on, if it is still the open one."""
@@ -417,21 +510,55 @@ class _AzureQueue:
             )
         return receiver
 
-    async def _run(
-        self, receiver: ServiceBusReceiver, verb: str, operation: Callable[[], Awaitable[T]]
-    ) -> T:
+    @staticmethod
+    def _transient(exc: BaseException) -> bool:
+        return isinstance(translate_error(exc, ""), ServiceBusTransientError)
+
+    async def _guarded(self, receiver: ServiceBusReceiver, operation: Awaitable[T]) -> T:
+        """`operation`; a transient fault retires `receiver` before it is raised (and
+        retried by the caller's retry layer)."""
+        self._in_flight[receiver] = self._in_flight.get(receiver, 0) + 1
         try:
-            return await self._call(f"{verb} on {self.queue!r}", operation)
-        except ServiceBusTransientError:
-            await self._reset(receiver)
+            return await operation
+        except Exception as exc:
+            if self._transient(exc):
+                await self._reset(receiver)
             raise
+        finally:
+            left = self._in_flight.pop(receiver) - 1
+            if left:
+                self._in_flight[receiver] = left
+            elif receiver in self._retired:
+                self._retired.discard(receiver)
+                await _close_quietly(receiver)
 
     async def _reset(self, receiver: ServiceBusReceiver) -> None:
+        """Stop using `receiver`; close it once no call is under way on it (closing it
+        beneath settlements still in flight makes the SDK log tracebacks for each)."""
         if self._receiver is receiver:
             self._receiver = None
             self._tokens.clear()
-            await _close_quietly(receiver)
+            if receiver in self._in_flight:
+                self._retired.add(receiver)
+            else:
+                await _close_quietly(receiver)
 
     async def close(self) -> None:
+        retired, self._retired = list(self._retired), set()
+        for receiver in retired:
+            await _close_quietly(receiver)
         if self._receiver is not None:
-            await self._reset(self._receiver)
+            receiver, self._receiver = self._receiver, None
+            self._tokens.clear()
+            await _close_quietly(receiver)
+
+
+def _link_gone(receiver: ServiceBusReceiver) -> bool:
+    """Whether the SDK has shut the receiver's AMQP handler down after a fault (it then
+    reopens a new one on the next receive, on which earlier locks are not held). This
+    reads the SDK receiver's private state; attributes a newer SDK lacks read as "still
+    open", so the broker is asked as before."""
+    if not getattr(receiver, "_running", True):
+        return True
+    handler = getattr(receiver, "_handler", _STILL_OPEN)
+    return handler is None or getattr(handler, "_shutdown", False) is True

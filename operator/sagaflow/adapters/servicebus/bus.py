@@ -26,6 +26,7 @@ from sagaflow.adapters.servicebus.azure_client import AzureSessionClient
 from sagaflow.adapters.servicebus.client import (
     MessageTooLargeError,
     RetryPolicy,
+    ServiceBusAdapterError,
     SessionClient,
     Settlement,
     WireMessage,
@@ -35,6 +36,7 @@ from sagaflow.adapters.servicebus.queues import QueueHandle, Queues
 from sagaflow.adapters.servicebus.sessions import SessionHandle, Sessions
 from sagaflow.core.messages import COMMANDS_QUEUE_PREFIX, EVENTS_QUEUE
 from sagaflow.core.ports import (
+    BusSetupError,
     Clock,
     DeadLetter,
     MessageLockLostError,
@@ -143,6 +145,36 @@ class ServiceBusBus:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("the Service Bus bus is closed")
+
+    # -- opening ------------------------------------------------------------------
+
+    async def prepare(self, *, send: Sequence[str] = (), receive: Sequence[str] = ()) -> None:
+        """Open every link these queues need, all at once: in this SDK each is a
+        connection of its own, about half a second to open, which the first message
+        of each queue would otherwise wait for. A queue that is missing (or not
+        allowed) fails here, named, instead of leaving its messages unsent."""
+        self._check_open()
+        plain = [q for q in dict.fromkeys(receive) if q not in self._session_queues]
+        opening = [(q, self._client.open_sender(q)) for q in dict.fromkeys(send)]
+        opening += [(q, self._open_link(q)) for q in plain]
+        results = await asyncio.gather(*(o for _, o in opening), return_exceptions=True)
+        problems = [
+            f"{queue}: {result}"
+            for (queue, _), result in zip(opening, results, strict=True)
+            if isinstance(result, ServiceBusAdapterError)
+        ]
+        if problems:
+            raise BusSetupError(
+                "Service Bus cannot serve "
+                + "; ".join(problems)
+                + " (create the queues with `sagaflow servicebus-topology`)"
+            )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def _open_link(self, queue: str) -> None:
+        await (await self._client.open_queue(queue)).open()
 
     # -- sending ------------------------------------------------------------------
 

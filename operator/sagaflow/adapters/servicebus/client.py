@@ -122,6 +122,10 @@ class QueueLink(Settler, Protocol):
     @property
     def queue(self) -> str: ...
 
+    async def open(self) -> None:
+        """Open the link now (it opens on first use otherwise)."""
+        ...
+
     async def receive(self, max_messages: int, max_wait: float) -> list[Delivery]:
         """Lock up to `max_messages`; wait up to `max_wait` s for them (returns as soon as
         `max_messages` came, else when the wait ends)."""
@@ -136,6 +140,10 @@ class SessionClient(Protocol):
     """What the Service Bus bus needs from a Service Bus namespace."""
 
     async def send(self, queue: str, messages: Sequence[WireMessage]) -> None: ...
+
+    async def open_sender(self, queue: str) -> None:
+        """Open the link `send` uses for `queue` now (it opens on first send otherwise)."""
+        ...
 
     async def accept_next_session(self, queue: str, *, max_wait: float) -> SessionReceiver | None:
         """Lock the next session with available messages; None if none within `max_wait` s."""
