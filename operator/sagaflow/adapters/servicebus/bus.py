@@ -61,6 +61,7 @@ class BusOptions(TypedDict, total=False):
     gather_wait: float
     min_wait: float
     accept_parallelism: int
+    settle_parallelism: int
 
 
 def topology_queues(step_prefixes: Iterable[str]) -> list[str]:
@@ -89,6 +90,7 @@ class ServiceBusBus:
         gather_wait: float = 0.02,
         min_wait: float = 0.2,
         accept_parallelism: int = 8,
+        settle_parallelism: int = 4,
     ) -> None:
         if max_body_bytes < 1 or min_wait <= 0 or gather_wait <= 0 or accept_parallelism < 1:
             raise ValueError(
@@ -111,6 +113,7 @@ class ServiceBusBus:
             closing=self._closing,
             gather_wait=gather_wait,
             dead_letter_wait=min_wait,
+            settle_parallelism=settle_parallelism,
         )
 
     @classmethod

@@ -58,6 +58,7 @@ class Queues:
         closing: asyncio.Event,
         gather_wait: float,
         dead_letter_wait: float,
+        settle_parallelism: int,
     ) -> None:
         self._client = client
         self._clock = clock
@@ -67,6 +68,7 @@ class Queues:
         self._held: dict[str, _Lock] = {}  # lock token -> its expiry as last known
         self._settling: set[str] = set()
         self._turns: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._settling_slots = asyncio.Semaphore(settle_parallelism)
 
     async def receive(
         self, queue: str, max_messages: int, max_wait: float
@@ -168,7 +170,8 @@ class Queues:
     async def _settle_one(self, handle: QueueHandle, action: Settlement) -> bool:
         token = handle.delivery.lock_token
         try:
-            await action(handle.link, handle.delivery)
+            async with self._settling_slots:
+                await action(handle.link, handle.delivery)
         except MessageLockLostError:
             self._held.pop(token, None)
             return False
