@@ -9,8 +9,9 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +46,8 @@ class Scene:
 
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SAGAFLOW_")}
-        env.update(FAULT_LOG=str(self.log), SAGAFLOW_LOG_LEVEL="WARNING", **extra)
+        env.update(FAULT_LOG=str(self.log), SAGAFLOW_LOG_LEVEL="WARNING")
+        env.update(extra)
         return env
 
     def manifest(self, text: str, name: str = "run.yaml") -> Path:
@@ -191,3 +193,18 @@ def executions(count: int, workflow: str, inputs: dict[int, str] | None = None) 
 def workflow(name: str, steps: str) -> str:
     head = f"apiVersion: sagaflow.io/v1alpha1\nkind: Workflow\nmetadata: {{name: {name}}}\n"
     return head + f"spec:\n  steps:\n{steps}"
+
+
+def wait_until(
+    done: Callable[[], bool], *procs: subprocess.Popen[str], timeout: float = 60
+) -> None:
+    """Until `done()` holds; fails at once if one of `procs` exits meanwhile."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        for proc in procs:
+            if proc.poll() is not None:
+                _, err = proc.communicate()
+                raise AssertionError(f"exited {proc.returncode}: {err[-3000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting")
+        time.sleep(0.05)  # the test's own look at the call log or the broker

@@ -103,11 +103,15 @@ async def _handle(o: Orchestrator, received: ReceivedDeadLetter) -> None:
     what = _what(letter.queue, letter.body, letter.message_id)
     told = f"{letter.reason}: {letter.description}" if letter.description else letter.reason
     if what is None:
+        # Settled as handled: the Postgres bus keeps the row, Service Bus removes the
+        # message from the subqueue, so the log keeps what it held.
         log.warning(
-            "dead letter %s on %s names no execution (%s); left in the dead letters",
+            "dead letter %s on %s names no execution, or is not the message of the attempt "
+            "it names (%s); nothing to fail, settled; its body began %.200r",
             letter.message_id,
             letter.queue,
             told,
+            letter.body,
         )
         await o.bus.complete([received.message])
         return
@@ -140,15 +144,26 @@ async def _handle(o: Orchestrator, received: ReceivedDeadLetter) -> None:
 def _what(queue: str, body: bytes, message_id: str) -> tuple[str, str, int, bool, str] | None:
     """(execution id, step, attempt, compensation, message kind) of a dead letter, from
     its body, else from its message id (an attempt id, then `/result` or
-    `/heartbeat/<n>` on the events queue)."""
+    `/heartbeat/<n>` on the events queue); None when it names no execution, or its
+    body names an attempt whose message id is not its own."""
+    found_in_body: tuple[str, str, int, bool, str]
     try:
         if queue == EVENTS_QUEUE:
             r = decode_result(body)
-            return r.execution_id, r.step, r.attempt, r.compensation, r.kind
-        c = decode_command(body)
-        return c.execution_id, c.step, c.attempt, c.compensation, "ExecuteStep"
+            own_id = r.message_id
+            found_in_body = r.execution_id, r.step, r.attempt, r.compensation, r.kind
+        else:
+            c = decode_command(body)
+            own_id = c.attempt_id
+            found_in_body = c.execution_id, c.step, c.attempt, c.compensation, "ExecuteStep"
     except MalformedMessageError:
         pass
+    else:
+        # A copy of a command or result under another message id (not one sagaflow
+        # sent: its ids are the attempt's) says nothing of the attempt, whose own
+        # message may be running or applied: failing the step for it would fail a
+        # healthy run.
+        return found_in_body if message_id == own_id else None
     found = parse_attempt_id(message_id)
     if found is None:
         return None
