@@ -347,6 +347,13 @@ class PeerLoop:
         channel.mask = mask
 
     def _discard(self, channel: _Channel) -> None:
+        condition = channel.transport.condition
+        if condition is not None:  # proton ended the connection: say why
+            _LOG.warning(
+                "servicebus peer: connection ended by the AMQP engine: %s: %s",
+                condition.name,
+                condition.description,
+            )
         self._channels.pop(channel.connection, None)
         if channel.mask:
             with contextlib.suppress(KeyError, ValueError):

@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
-from azure.servicebus import NEXT_AVAILABLE_SESSION, ServiceBusSubQueue
+from azure.servicebus import NEXT_AVAILABLE_SESSION, ServiceBusReceivedMessage, ServiceBusSubQueue
 from azure.servicebus import exceptions as sdk_errors
 from azure.servicebus.aio import ServiceBusClient, ServiceBusReceiver, ServiceBusSender
 
@@ -85,6 +86,7 @@ class AzureSessionClient:
         self._call = Retrying(retry or RetryPolicy(), sleep)
         self._peek_batch = peek_batch
         self._senders: dict[str, ServiceBusSender] = {}
+        self._sending: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._links: dict[str, AzureQueue] = {}  # by queue (or dead-letter subqueue) name
         self._receivers: set[ServiceBusReceiver] = set()
 
@@ -127,13 +129,19 @@ class AzureSessionClient:
     async def send(self, queue: str, messages: Sequence[WireMessage]) -> None:
         sender = self._sender(queue)
         pending = [to_sdk_message(m) for m in messages]
-        # Batch by batch, each retried alone: a retry never resends a batch that went.
-        while pending:
-            batch = await self._call(f"opening a batch for {queue!r}", sender.create_message_batch)
-            taken = fill_batch(batch, pending, queue)
-            send = functools.partial(sender.send_messages, batch)
-            await self._call(f"sending {taken} message(s) to {queue!r}", send)
-            pending = pending[taken:]
+        # One send at a time per sender: the SDK numbers a transfer before it waits for
+        # the socket, so two at once can go out of order, and the broker ends the
+        # connection for it (a sequencing error on the delivery id).
+        async with self._sending[queue]:
+            # Batch by batch, each retried alone: a retry never resends a batch that went.
+            while pending:
+                batch = await self._call(
+                    f"opening a batch for {queue!r}", sender.create_message_batch
+                )
+                taken = fill_batch(batch, pending, queue)
+                send = functools.partial(sender.send_messages, batch)
+                await self._call(f"sending {taken} message(s) to {queue!r}", send)
+                pending = pending[taken:]
 
     async def accept_next_session(self, queue: str, *, max_wait: float) -> AzureSession | None:
         open_next = functools.partial(self._open_next_session, queue, max(max_wait, MIN_WAIT))
@@ -176,13 +184,16 @@ class AzureSessionClient:
         return link
 
     async def peek_dead_letters(self, queue: str) -> list[DeadLetter]:
-        receiver = await (await self.open_queue(queue, dead_letters=True)).receiver()
+        link = await self.open_queue(queue, dead_letters=True)
+        receiver = await link.receiver()
         found: list[DeadLetter] = []
         sequence = 1
         while True:
-            peek = functools.partial(
-                receiver.peek_messages, self._peek_batch, sequence_number=sequence
-            )
+
+            async def peek(at: int = sequence) -> list[ServiceBusReceivedMessage]:
+                async with link.management:
+                    return await receiver.peek_messages(self._peek_batch, sequence_number=at)
+
             page = await self._call(f"peeking the dead letters of {queue!r}", peek)
             if not page:
                 return found

@@ -133,6 +133,11 @@ class AzureQueue:
         self._make = make
         self._receiver: ServiceBusReceiver | None = None
         self._opening = asyncio.Lock()
+        # One request-response operation at a time (lock renewals, peeks): the SDK
+        # numbers a transfer before it waits for the socket, so two at once on one link
+        # can go out of order, and the broker ends the connection for it (a sequencing
+        # error on the delivery id).
+        self.management = asyncio.Lock()
         # Lock tokens of messages received on the open receiver and not yet settled.
         self._tokens: set[str] = set()
         # Calls under way per SDK receiver, and receivers given up to close after theirs.
@@ -203,9 +208,11 @@ class AzureQueue:
         self._tokens.discard(delivery.lock_token)
 
     async def renew_lock(self, delivery: Delivery) -> datetime:
-        return await self._on_owner(
-            delivery, "renewing the lock", lambda r: r.renew_message_lock(delivery.raw)
-        )
+        async def renew(receiver: ServiceBusReceiver) -> datetime:
+            async with self.management:
+                return await receiver.renew_message_lock(delivery.raw)
+
+        return await self._on_owner(delivery, "renewing the lock", renew)
 
     async def _on_owner(
         self,
