@@ -108,6 +108,14 @@ class Cast:
             self.start_runner()
 
 
+# Every execution's phase and error; (execution, step) pairs that succeeded twice.
+PHASES_SQL = "SELECT name, phase, nullif(state->'error', 'null') AS error FROM sagaflow_executions"
+APPLIED_TWICE_SQL = (
+    "SELECT count(*) FROM (SELECT 1 FROM sagaflow_history WHERE kind = 'StepSucceeded' "
+    "GROUP BY execution_id, step HAVING count(*) > 1) t"
+)
+
+
 def pg_ctl(pgdata: Path, *args: str) -> None:
     subprocess.run(
         [str(pg_bin_dir() / "pg_ctl"), *args, "-D", str(pgdata), "-w", "-l", str(pgdata / "log")],
@@ -144,13 +152,8 @@ async def figures(
 ) -> dict[str, Any]:
     conn = await asyncpg.connect(dsn)
     try:
-        rows = await conn.fetch(
-            "SELECT name, phase, nullif(state->'error', 'null') AS error FROM sagaflow_executions"
-        )
-        twice = await conn.fetchval(
-            "SELECT count(*) FROM (SELECT 1 FROM sagaflow_history WHERE kind = 'StepSucceeded' "
-            "GROUP BY execution_id, step HAVING count(*) > 1) t"
-        )
+        rows = await conn.fetch(PHASES_SQL)
+        twice = await conn.fetchval(APPLIED_TWICE_SQL)
         retries = await conn.fetch(
             "SELECT r.execution_id, r.step, r.attempt, r.at, "
             "(r.data->>'delaySeconds')::float AS d, "

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import asyncpg
 
-from chaos import WORKFLOW, Cast, overlapping
+from chaos import APPLIED_TWICE_SQL, PHASES_SQL, WORKFLOW, Cast, overlapping
 from sagaflow.adapters.postgres.embedded import EmbeddedPostgres
 from sagaflow.core.messages import EVENTS_QUEUE, commands_queue
 
@@ -55,13 +55,8 @@ class History:
 async def history(dsn: str, names: set[str]) -> History:
     conn = await asyncpg.connect(dsn)
     try:
-        rows = await conn.fetch(
-            "SELECT name, phase, nullif(state->'error', 'null') AS error FROM sagaflow_executions"
-        )
-        twice = await conn.fetchval(
-            "SELECT count(*) FROM (SELECT 1 FROM sagaflow_history WHERE kind = 'StepSucceeded' "
-            "GROUP BY execution_id, step HAVING count(*) > 1) t"
-        )
+        rows = await conn.fetch(PHASES_SQL)
+        twice = await conn.fetchval(APPLIED_TWICE_SQL)
         applied = await conn.fetch(
             "SELECT extract(epoch FROM at) AS t FROM sagaflow_history "
             "WHERE kind IN ('StepSucceeded', 'StepFailed', 'StepRetrying') ORDER BY at"

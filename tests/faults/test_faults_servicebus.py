@@ -83,6 +83,20 @@ def drained(peer: ServiceBusPeer) -> None:
     assert peer.counts(EVENTS_QUEUE).dead_lettered == 0, peer.counts(EVENTS_QUEUE)
 
 
+def both_end_cleanly(run: subprocess.Popen[str], runner: subprocess.Popen[str], count: int) -> str:
+    """Wait for the run to finish with every execution Completed, stop the runner with
+    SIGTERM; both exit 0 and log no traceback. Returns what they logged."""
+    code, out, err = finish(run)
+    assert code == 0, err
+    assert set(phases(out).values()) == {"Completed"} and len(phases(out)) == count, out
+    runner.send_signal(signal.SIGTERM)
+    runner_code, _, runner_err = finish(runner, 60)
+    assert runner_code == 0, runner_err
+    said = err + runner_err
+    assert "Traceback" not in said, said
+    return said
+
+
 def each_applied_once(s: Scene, count: int, steps: int) -> None:
     applied = successes_applied(s)
     assert len(applied) == count * steps and set(applied.values()) == {1}, applied
@@ -114,13 +128,7 @@ def test_kill_9_mid_run_loses_nothing_and_applies_nothing_twice(victim: str) -> 
             run = s.start_run(manifest, "-o", "json", **env)
         else:
             runner = s.start_runner(**env)
-        code, out, err = finish(run)
-        assert code == 0, err
-        assert set(phases(out).values()) == {"Completed"} and len(phases(out)) == count
-        runner.send_signal(signal.SIGTERM)
-        runner_code, _, runner_err = finish(runner, 60)
-        assert runner_code == 0, runner_err
-        assert "Traceback" not in err + runner_err
+        both_end_cleanly(run, runner, count)
         each_applied_once(s, count, 2)
         assert overlapping(s.calls()) == []
         drained(peer)
@@ -148,14 +156,8 @@ def test_the_broker_going_away_mid_run_is_ridden_out(fault: str) -> None:
             peer.restart(downtime=1.0)
         else:
             peer.drop_connections()
-        code, out, err = finish(run)
-        assert code == 0, err
-        assert set(phases(out).values()) == {"Completed"} and len(phases(out)) == count
+        both_end_cleanly(run, runner, count)
         assert peer.connections_opened > opened  # they did connect again
-        runner.send_signal(signal.SIGTERM)
-        runner_code, _, runner_err = finish(runner, 60)
-        assert runner_code == 0, runner_err
-        assert "Traceback" not in err + runner_err, err + runner_err
         each_applied_once(s, count, 3)
         assert overlapping(s.calls()) == []
         drained(peer)
@@ -194,13 +196,7 @@ def test_a_handler_that_outlives_its_lock(fault: str) -> None:
         if fault == "none":
             assert peer.lock_tokens(COMMANDS) == locked_at  # the same locks, kept alive
         go.touch()
-        code, out, err = finish(run)
-        assert code == 0, err
-        assert set(phases(out).values()) == {"Completed"}
-        runner.send_signal(signal.SIGTERM)
-        runner_code, _, runner_err = finish(runner, 60)
-        assert runner_code == 0, runner_err
-        assert "Traceback" not in err + runner_err, err + runner_err
+        both_end_cleanly(run, runner, count)
         each_applied_once(s, count, 1)
         if fault == "none":
             assert starts(s) == count  # no redelivery at all
@@ -267,14 +263,7 @@ def test_duplicated_and_garbage_messages_are_dead_lettered_or_dropped() -> None:
                     body = again.encode()
                     sender.send_messages(ServiceBusMessage(body, message_id=f"{m.message_id}/x"))
         go_b.touch()
-        code, out, err = finish(run)
-        assert code == 0, err
-        assert set(phases(out).values()) == {"Completed"}
-        runner.send_signal(signal.SIGTERM)
-        runner_code, _, runner_err = finish(runner, 60)
-        assert runner_code == 0, runner_err
-        said = err + runner_err
-        assert "Traceback" not in said, said
+        said = both_end_cleanly(run, runner, count)
         each_applied_once(s, count, 2)
         # Dead-lettered, each with its reason: by the runner that took it, by the
         # orchestrator for the events queue.

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import subprocess
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,21 @@ def drained(peer: ServiceBusPeer, queues: Iterable[str]) -> dict[str, QueueCount
     """The queues that still hold something (nothing left, locked or dead-lettered)."""
     counts = {q: peer.counts(q) for q in queues}
     return {q: c for q, c in counts.items() if c != EMPTY}
+
+
+async def run_beside_runner(
+    manifest: Path, env: dict[str, str], tmp_path: Path
+) -> tuple[subprocess.CompletedProcess[str], Process, int, int | None]:
+    """`sagaflow run` of `manifest` beside a `sagaflow runner` of the relay steps: the
+    run's result, the runner, its pid, and its exit code once stopped."""
+    runner = Process("runner", ["runner", "--module", str(RELAY)], env, tmp_path / "r.log")
+    async with running(runner):
+        assert runner.proc is not None
+        pid = runner.proc.pid
+        args = ["run", "-f", manifest, "--runners", RELAY, "--state-dir", tmp_path / "s"]
+        run = await asyncio.to_thread(sagaflow, *args, "-o", "json", env=env)
+        stopped = await runner.stop()
+    return run, runner, pid, stopped
 
 
 def statuses(listing: str) -> dict[str, dict[str, Any]]:
@@ -182,13 +198,7 @@ async def test_a_separate_runner_process_serves_steps_over_service_bus(
             SAGAFLOW_RUNNER_CONCURRENCY="2",
             RELAY_LOG=str(tmp_path / "calls.log"),
         )
-        runner = Process("runner", ["runner", "--module", str(RELAY)], env, tmp_path / "r.log")
-        async with running(runner):
-            assert runner.proc is not None
-            runner_pid = runner.proc.pid
-            args = ["run", "-f", manifest, "--runners", RELAY, "--state-dir", tmp_path / "s"]
-            run = await asyncio.to_thread(sagaflow, *args, "-o", "json", env=env)
-            stopped = await runner.stop()
+        run, runner, runner_pid, stopped = await run_beside_runner(manifest, env, tmp_path)
         opened = peer.connections_opened
         left = drained(peer, queues)
     assert run.returncode == 0, run.stderr
@@ -280,11 +290,7 @@ spec: {workflowRef: {name: idle}}
     async with running_peer(dict.fromkeys(queues, PLAIN)) as peer:
         # INFO: what is said about the idle links is shown, so that none of it is a warning.
         env = base_env(pg_database, tmp_path, **bus_env(peer), RELAY_LOG=str(tmp_path / "log"))
-        runner = Process("runner", ["runner", "--module", str(RELAY)], env, tmp_path / "r.log")
-        async with running(runner):
-            args = ["run", "-f", manifest, "--runners", RELAY, "--state-dir", tmp_path / "s"]
-            run = await asyncio.to_thread(sagaflow, *args, "-o", "json", env=env)
-            stopped = await runner.stop()
+        run, runner, _, stopped = await run_beside_runner(manifest, env, tmp_path)
         opened = peer.connections_opened
         left = drained(peer, queues)
     assert run.returncode == 0, run.stderr
