@@ -69,6 +69,7 @@ class Queues:
         self._settling: set[str] = set()
         self._turns: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._settling_slots = asyncio.Semaphore(settle_parallelism)
+        self._last: defaultdict[str, int] = defaultdict(int)  # messages the last receive took
 
     async def receive(
         self, queue: str, max_messages: int, max_wait: float
@@ -80,14 +81,16 @@ class Queues:
             # receive the broker cannot fill leaves its credit open, and the broker
             # pushes later messages to it while nobody reads this link (the SDK gives
             # them back on its keep-alive, every 5 s): asking in steps bounds that to
-            # what this receive took.
-            ask = 1
+            # what this receive took. Under load, the last receive's size is where the
+            # asking starts: it was taken then, so leaving that much credit is as bounded.
+            ask = max(1, self._last[queue] // 2)
             while got and len(got) < max_messages and not self._closing.is_set():
                 ask = min(ask * 2, max_messages - len(got))
                 more = await link.receive(ask, self._gather_wait)
                 got += more
                 if len(more) < ask:
                     break
+            self._last[queue] = len(got)
         return self._hold(queue, link, got)
 
     async def receive_dead_letters(
