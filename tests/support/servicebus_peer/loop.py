@@ -348,7 +348,9 @@ class PeerLoop:
 
     def _discard(self, channel: _Channel) -> None:
         condition = channel.transport.condition
-        if condition is not None:  # proton ended the connection: say why
+        # Proton ended the connection for a protocol error: say which. A client that
+        # went away (a socket closed, a process killed) is "connection aborted".
+        if condition is not None and "connection aborted" not in (condition.description or ""):
             _LOG.warning(
                 "servicebus peer: connection ended by the AMQP engine: %s: %s",
                 condition.name,
