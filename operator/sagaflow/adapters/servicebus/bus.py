@@ -78,7 +78,8 @@ class ServiceBusBus:
     gathers further messages once it has one. `min_wait`: on a session queue, how long
     a receive asks the broker for further sessions once it has one, and its shortest
     wait for the first (the SDK refuses 0); `accept_parallelism`: how many further
-    sessions it asks for at once."""
+    sessions it asks for at once. `settle_parallelism`: settlements on plain queues
+    under way at once (the SDK polls the connection for each one's echo)."""
 
     def __init__(
         self,
@@ -92,10 +93,12 @@ class ServiceBusBus:
         accept_parallelism: int = 8,
         settle_parallelism: int = 4,
     ) -> None:
-        if max_body_bytes < 1 or min_wait <= 0 or gather_wait <= 0 or accept_parallelism < 1:
+        if min(max_body_bytes, accept_parallelism, settle_parallelism) < 1:
             raise ValueError(
-                "max_body_bytes, gather_wait, min_wait and accept_parallelism must be > 0"
+                "max_body_bytes, accept_parallelism and settle_parallelism must be at least 1"
             )
+        if min_wait <= 0 or gather_wait <= 0:
+            raise ValueError("min_wait and gather_wait must be > 0")
         self._client = client
         self._max_body_bytes = max_body_bytes
         self._session_queues = session_queues
@@ -256,9 +259,7 @@ class ServiceBusBus:
     async def _settle(
         self, messages: Sequence[ReceivedMessage], action: Settlement, *, strict: bool
     ) -> None:
-        plain = [m.handle for m in messages if isinstance(m.handle, QueueHandle)]
-        sessions = [m.handle for m in messages if isinstance(m.handle, SessionHandle)]
-        foreign = len(messages) - len(plain) - len(sessions)
+        plain, sessions, foreign = _by_kind(messages)
         lost = sum(
             await gather_all(
                 [self._queues.settle(plain, action), self._sessions.settle(sessions, action)]
@@ -273,9 +274,7 @@ class ServiceBusBus:
     async def renew_lock(self, messages: Sequence[ReceivedMessage]) -> None:
         """Renew the messages' locks (on a session queue: their sessions' locks, which
         cover all their messages)."""
-        plain = [m.handle for m in messages if isinstance(m.handle, QueueHandle)]
-        sessions = [m.handle for m in messages if isinstance(m.handle, SessionHandle)]
-        foreign = len(messages) - len(plain) - len(sessions)
+        plain, sessions, foreign = _by_kind(messages)
         lost = foreign + sum(
             await gather_all([self._queues.renew(plain), self._sessions.renew(sessions)])
         )
@@ -319,3 +318,13 @@ class ServiceBusBus:
         await self._sessions.close()
         self._queues.close()
         await self._client.close()
+
+
+def _by_kind(
+    messages: Sequence[ReceivedMessage],
+) -> tuple[list[QueueHandle], list[SessionHandle], int]:
+    """The messages' handles on plain queues and in sessions, and how many are neither
+    (received by another bus, so not ours to settle)."""
+    plain = [m.handle for m in messages if isinstance(m.handle, QueueHandle)]
+    sessions = [m.handle for m in messages if isinstance(m.handle, SessionHandle)]
+    return plain, sessions, len(messages) - len(plain) - len(sessions)

@@ -19,7 +19,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar, cast
 
 from azure.core.exceptions import AzureError
@@ -28,6 +28,9 @@ from azure.servicebus import exceptions as sdk_errors
 from sagaflow.core.ports import DeadLetter, MessageLockLostError
 
 log = logging.getLogger(__name__)
+
+# A lock whose expiry the SDK did not report: the broker judges when it is settled.
+UNKNOWN_LOCK_EXPIRY = datetime.max.replace(tzinfo=UTC)
 
 T = TypeVar("T")
 

@@ -12,13 +12,14 @@ import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TypeVar
 
 from azure.servicebus import exceptions as sdk_errors
 from azure.servicebus.aio import ServiceBusReceiver, ServiceBusSender
 
 from sagaflow.adapters.servicebus.client import (
+    UNKNOWN_LOCK_EXPIRY,
     Delivery,
     Retrying,
     ServiceBusTransientError,
@@ -34,8 +35,6 @@ T = TypeVar("T")
 # The SDK refuses a wait of 0; the broker answers within this when something is ready,
 # so it is the shortest useful "is anything there now?".
 MIN_WAIT = 0.01
-# A session lock the SDK did not report: let the broker judge when settling.
-_UNKNOWN_LOCK_EXPIRY = datetime.max.replace(tzinfo=UTC)
 # `link_gone`'s stand-in for an SDK receiver attribute that does not exist.
 _STILL_OPEN = object()
 
@@ -68,7 +67,7 @@ class AzureSession:
 
     @property
     def locked_until(self) -> datetime:
-        return self._receiver.session.locked_until_utc or _UNKNOWN_LOCK_EXPIRY
+        return self._receiver.session.locked_until_utc or UNKNOWN_LOCK_EXPIRY
 
     async def receive(self, max_messages: int, max_wait: float) -> list[Delivery]:
         receive = functools.partial(

@@ -15,10 +15,11 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 from collections.abc import Awaitable, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import NamedTuple, TypeVar
 
 from sagaflow.adapters.servicebus.client import (
+    UNKNOWN_LOCK_EXPIRY,
     Delivery,
     QueueLink,
     SessionClient,
@@ -29,22 +30,12 @@ from sagaflow.core.ports import Clock, MessageLockLostError, ReceivedMessage, de
 
 T = TypeVar("T")
 
-# A message whose lock the SDK did not report: the broker judges when it is settled.
-_UNKNOWN_LOCK_EXPIRY = datetime.max.replace(tzinfo=UTC)
-
 
 class QueueHandle(NamedTuple):
     """`ReceivedMessage.handle` on a plain queue: the link it came on, and the delivery."""
 
     link: QueueLink
     delivery: Delivery
-
-
-class _Lock:
-    __slots__ = ("until",)
-
-    def __init__(self, until: datetime) -> None:
-        self.until = until
 
 
 class Queues:
@@ -65,7 +56,7 @@ class Queues:
         self._closing = closing
         self._gather_wait = gather_wait
         self._dead_letter_wait = dead_letter_wait
-        self._held: dict[str, _Lock] = {}  # lock token -> its expiry as last known
+        self._held: dict[str, datetime] = {}  # lock token -> its expiry as last known
         self._settling: set[str] = set()
         self._turns: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._settling_slots = asyncio.Semaphore(settle_parallelism)
@@ -121,8 +112,8 @@ class Queues:
     ) -> list[ReceivedMessage]:
         received = []
         for d in deliveries:
-            until = d.locked_until or _UNKNOWN_LOCK_EXPIRY
-            self._held[d.lock_token] = _Lock(until)
+            until = d.locked_until or UNKNOWN_LOCK_EXPIRY
+            self._held[d.lock_token] = until
             received.append(
                 ReceivedMessage(
                     queue=queue,
@@ -138,26 +129,23 @@ class Queues:
             )
         return received
 
-    def _claim(self, handle: QueueHandle) -> bool:
+    def claimable(self, handle: QueueHandle) -> bool:
         """Whether this bus can still settle the message (and it is not being settled)."""
         token = handle.delivery.lock_token
-        lock = self._held.get(token)
-        if lock is None or token in self._settling:
+        until = self._held.get(token)
+        if until is None or token in self._settling:
             return False
-        if lock.until <= self._clock():
+        if until <= self._clock():
             del self._held[token]  # expired: the broker has handed it out again, or will
             return False
         return True
 
-    def claimable(self, handle: QueueHandle) -> bool:
-        return self._claim(handle)
-
     async def settle(self, handles: Sequence[QueueHandle], action: Settlement) -> int:
-        """Settle every message still held, all at once; how many were lost. A fault
-        other than a lost lock is raised: those messages stay held."""
+        """Settle every message still held (`settle_parallelism` at a time); how many
+        were lost. A fault other than a lost lock is raised: those messages stay held."""
         mine = []
         for handle in handles:
-            if self._claim(handle):
+            if self.claimable(handle):
                 self._settling.add(handle.delivery.lock_token)  # a repeat is now "lost"
                 mine.append(handle)
         results = await asyncio.gather(
@@ -176,17 +164,17 @@ class Queues:
             async with self._settling_slots:
                 await action(handle.link, handle.delivery)
         except MessageLockLostError:
-            self._held.pop(token, None)
             return False
+        else:
+            return True
         finally:
             self._settling.discard(token)
-        self._held.pop(token, None)
-        return True
+            self._held.pop(token, None)
 
     async def renew(self, handles: Sequence[QueueHandle]) -> int:
         """Renew each message's lock; how many were already lost."""
         unique = {h.delivery.lock_token: h for h in handles}
-        live = [handle for handle in unique.values() if self._claim(handle)]
+        live = [handle for handle in unique.values() if self.claimable(handle)]
         renewed = await gather_all(self._renew(handle) for handle in live)
         return len(unique) - sum(renewed)
 
@@ -197,8 +185,8 @@ class Queues:
         except MessageLockLostError:
             self._held.pop(token, None)
             return False
-        if (lock := self._held.get(token)) is not None:
-            lock.until = until
+        if token in self._held:
+            self._held[token] = until
         return True
 
     def close(self) -> None:
