@@ -12,12 +12,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sagaflow.core.durations import parse_duration
-from sagaflow.core.manifests import CompensationPolicy, InDoubt, RetryPolicy, WorkflowSpec
+from sagaflow.core.manifests import (
+    CompensationPolicy,
+    InDoubt,
+    RetryPolicy,
+    StepSpec,
+    WorkflowSpec,
+)
 
 PASS = "sagaflow.pass"  # noqa: S105 - a step type, not a secret
 WAIT = "sagaflow.wait"
 FAIL = "sagaflow.fail"
-BUILTIN_TYPES = frozenset({PASS, WAIT, FAIL})
+WAIT_SIGNAL = "sagaflow.waitForSignal"
+# The type a `workflowRef` step has: its attempt is a child execution, not a command.
+CHILD = "sagaflow.workflow"
+BUILTIN_TYPES = frozenset({PASS, WAIT, FAIL, WAIT_SIGNAL})
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +78,16 @@ class StepDef:
     pivot: bool = False
     # Every step that depends on this one, directly or not: their undo comes first.
     descendants: frozenset[str] = frozenset()
+    when: str | None = None  # a template; falsy: the step is Skipped
+    for_each: str | None = None  # a template giving the list of items
+    max_parallel: int = 0  # item runs at once; 0: no limit
+    tolerated_failures: int = 0
+    workflow: str | None = None  # the child workflow of a CHILD step
+    final: bool = False  # a `finally` step
+
+    @property
+    def fan_out(self) -> bool:
+        return self.for_each is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +112,10 @@ class Definition:
     output: Any
     by_name: dict[str, StepDef] = field(compare=False, repr=False)
     compensation: Compensation = Compensation()
+    finally_steps: tuple[StepDef, ...] = ()  # topological order, run after the end
+    # Signal name -> the JSON Schema its data must satisfy (None: any JSON).
+    signals: dict[str, dict[str, Any] | None] = field(default_factory=dict, compare=False)
+    max_executions: int | None = None
 
     def step(self, name: str) -> StepDef:
         return self.by_name[name]
@@ -104,16 +127,35 @@ class Definition:
 
 def compile_definition(spec: WorkflowSpec, *, name: str, version: int) -> Definition:
     default_retry = spec.retry or RetryPolicy()
-    dependents: dict[str, list[str]] = {s.name: [] for s in spec.steps}
-    for s in spec.steps:
+    ordered = _compile_steps(spec.steps, default_retry, final=False)
+    finals = _compile_steps(spec.finally_steps, default_retry, final=True)
+    return Definition(
+        name=name,
+        version=version,
+        steps=ordered,
+        timeout=parse_duration(spec.timeout) if spec.timeout else None,
+        output=spec.output,
+        by_name={s.name: s for s in (*ordered, *finals)},
+        compensation=Compensation.from_policy(spec.compensation),
+        finally_steps=finals,
+        signals={s.name: s.json_schema for s in spec.signals},
+        max_executions=spec.concurrency.max_executions if spec.concurrency else None,
+    )
+
+
+def _compile_steps(
+    specs: tuple[StepSpec, ...], default_retry: RetryPolicy, *, final: bool
+) -> tuple[StepDef, ...]:
+    dependents: dict[str, list[str]] = {s.name: [] for s in specs}
+    for s in specs:
         for dep in s.depends_on:
             dependents[dep].append(s.name)
-    order = _topological({s.name: s.depends_on for s in spec.steps})
+    order = _topological({s.name: s.depends_on for s in specs})
     descendants = _descendants(order, dependents)
     steps = {
         s.name: StepDef(
             name=s.name,
-            type=s.type,
+            type=s.type if s.type is not None else CHILD,
             input=s.input if s.input is not None else {},
             depends_on=tuple(s.depends_on),
             dependents=tuple(dependents[s.name]),
@@ -130,19 +172,16 @@ def compile_definition(spec: WorkflowSpec, *, name: str, version: int) -> Defini
             ),
             pivot=s.pivot,
             descendants=descendants[s.name],
+            when=s.when,
+            for_each=s.for_each,
+            max_parallel=s.max_parallel,
+            tolerated_failures=s.tolerated_failures,
+            workflow=s.workflow_ref.name if s.workflow_ref is not None else None,
+            final=final,
         )
-        for s in spec.steps
+        for s in specs
     }
-    ordered = tuple(steps[n] for n in order)
-    return Definition(
-        name=name,
-        version=version,
-        steps=ordered,
-        timeout=parse_duration(spec.timeout) if spec.timeout else None,
-        output=spec.output,
-        by_name={s.name: s for s in ordered},
-        compensation=Compensation.from_policy(spec.compensation),
-    )
+    return tuple(steps[n] for n in order)
 
 
 def _topological(depends_on: dict[str, tuple[str, ...]]) -> list[str]:

@@ -59,11 +59,23 @@ class CompensateSpec(_Model):
     _durations = field_validator("timeout")(_check_duration)
 
 
+class WorkflowRef(_Model):
+    name: str = Field(pattern=NAME_PATTERN)
+
+
 class StepSpec(_Model):
     name: str = Field(pattern=STEP_NAME_PATTERN)
-    type: str = Field(pattern=STEP_TYPE_PATTERN)
+    # Exactly one of the two: a step type runners (or Sagaflow) serve, or a child workflow.
+    type: str | None = Field(default=None, pattern=STEP_TYPE_PATTERN)
+    workflow_ref: WorkflowRef | None = None
     input: dict[str, Any] | None = None
     depends_on: tuple[str, ...] = ()
+    # A template; false, null or empty when the dependencies are done: the step is Skipped.
+    when: str | None = None
+    # A template giving a list: one item run per element (`item`, `index` in templates).
+    for_each: str | None = None
+    max_parallel: int = Field(default=0, ge=0, le=10_000)  # item runs at once; 0: no limit
+    tolerated_failures: int = Field(default=0, ge=0)  # failed items allowed
     retry: RetryPolicy | None = None
     timeout: str | None = None
     heartbeat_timeout: str | None = None
@@ -88,8 +100,24 @@ class CompensationPolicy(_Model):
     max_parallel: int = Field(default=0, ge=0, le=10_000)  # 0: no limit
 
 
+class ConcurrencyPolicy(_Model):
+    # Running executions of this workflow at once, per namespace; the rest wait in Pending.
+    max_executions: int = Field(ge=1, le=1_000_000)
+
+
+class SignalSpec(_Model):
+    """A signal the workflow accepts; its data must satisfy `schema` (JSON Schema)."""
+
+    name: str = Field(pattern=STEP_NAME_PATTERN)
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+
+
 class WorkflowSpec(_Model):
     steps: tuple[StepSpec, ...] = Field(min_length=1, max_length=500)
+    # Run after the execution ends, whatever the outcome (they read execution.phase).
+    finally_steps: tuple[StepSpec, ...] = Field(default=(), alias="finally", max_length=100)
+    concurrency: ConcurrencyPolicy | None = None
+    signals: tuple[SignalSpec, ...] = ()
     timeout: str | None = None
     retry: RetryPolicy | None = None
     compensation: CompensationPolicy | None = None
@@ -117,13 +145,12 @@ class Workflow(_Model):
     spec: WorkflowSpec
 
 
-class WorkflowRef(_Model):
-    name: str = Field(pattern=NAME_PATTERN)
-
-
 class ExecutionSpec(_Model):
     workflow_ref: WorkflowRef
     input: dict[str, Any] = Field(default_factory=dict)
+    # Unique among the workflow's unfinished executions in the namespace: an outside
+    # event (a signal) finds its run by it.
+    correlation_key: str | None = Field(default=None, min_length=1, max_length=253)
     # The operator deletes the object this long after the run finished (history stays
     # in Postgres). Unset: the workflow's default; neither: the object is kept.
     ttl_seconds_after_finished: int | None = Field(default=None, ge=0)

@@ -304,6 +304,8 @@ def _reference_problems(
 def _type_problems(
     step: StepSpec, base: str, is_known_type: Callable[[str], bool] | None
 ) -> list[tuple[str, str]]:
+    if step.type is None:
+        return []  # a child workflow (`workflowRef`), checked with the other step rules
     if step.type == "sagaflow.wait":
         return _wait_problems(step.input, f"{base}.input")
     if step.type == "sagaflow.fail":

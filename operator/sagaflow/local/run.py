@@ -143,8 +143,9 @@ async def run_local(
 
 def _command_queues(workflows: Sequence[tuple[str, str, WorkflowSpec]]) -> list[str]:
     """The queues the files' step types (forward and compensating) are sent to."""
-    types = {s.type for _, _, spec in workflows for s in spec.steps}
-    types |= {s.compensate.type for _, _, spec in workflows for s in spec.steps if s.compensate}
+    steps = [s for _, _, spec in workflows for s in (*spec.steps, *spec.finally_steps)]
+    types = {s.type for s in steps if s.type is not None}
+    types |= {s.compensate.type for s in steps if s.compensate}
     return sorted({commands_queue(t) for t in types - BUILTIN_TYPES})
 
 
