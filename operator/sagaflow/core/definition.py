@@ -121,6 +121,11 @@ class Definition:
         return self.by_name[name]
 
     @property
+    def step_names(self) -> tuple[str, ...]:
+        """Every step an execution keeps state for: forward steps, then `finally` ones."""
+        return tuple(s.name for s in (*self.steps, *self.finally_steps))
+
+    @property
     def sinks(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.steps if not s.dependents)
 

@@ -109,6 +109,41 @@ class Request:
 
 
 @dataclass(frozen=True, slots=True)
+class Parent:
+    """The step attempt a child execution runs for: its end is that attempt's result."""
+
+    execution_id: str
+    namespace: str
+    name: str
+    step: str
+    attempt: int
+    depth: int = 1  # 1 for a child, 2 for a grandchild, ...
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "executionId": self.execution_id,
+            "namespace": self.namespace,
+            "name": self.name,
+            "step": self.step,
+            "attempt": self.attempt,
+            "depth": self.depth,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> Parent | None:
+        if data is None:
+            return None
+        return cls(
+            data["executionId"],
+            data["namespace"],
+            data["name"],
+            data["step"],
+            data["attempt"],
+            data.get("depth", 1),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class StepState:
     name: str
     phase: StepPhase = StepPhase.PENDING
@@ -184,6 +219,10 @@ class ExecutionState:
     request: Request | None = None
     # How the run came to rest, beyond its error: what was undone, or why nothing was.
     outcome: str | None = None
+    # While Pending: why it has not started (a concurrency limit), for status and history.
+    waiting: str | None = None
+    correlation_key: str | None = None  # spec.correlationKey
+    parent: Parent | None = None  # set on a child execution
 
     @property
     def at_rest(self) -> bool:
@@ -247,6 +286,12 @@ class ExecutionState:
             out["request"] = self.request.to_json()
         if self.outcome is not None:
             out["outcome"] = self.outcome
+        if self.waiting is not None:
+            out["waiting"] = self.waiting
+        if self.correlation_key is not None:
+            out["correlationKey"] = self.correlation_key
+        if self.parent is not None:
+            out["parent"] = self.parent.to_json()
         return out
 
     @classmethod
@@ -273,6 +318,9 @@ class ExecutionState:
             redrive_requests=data.get("redriveRequests", 0),
             request=Request.from_json(data.get("request")),
             outcome=data.get("outcome"),
+            waiting=data.get("waiting"),
+            correlation_key=data.get("correlationKey"),
+            parent=Parent.from_json(data.get("parent")),
         )
 
 

@@ -63,7 +63,7 @@ async def start(
             workflow=workflow,
             version=version,
             input=request.input,
-            step_names=tuple(s.name for s in definition.steps),
+            step_names=definition.step_names,
         )
         if not await o.store.insert_execution(conn, state, now):
             found = await _find(o, conn, namespace, name, execution_id)
@@ -101,7 +101,7 @@ async def start_many(o: Orchestrator, requests: Sequence[StartRequest]) -> list[
                 workflow=r.workflow,
                 version=definition.version,
                 input=r.input,
-                step_names=tuple(s.name for s in definition.steps),
+                step_names=definition.step_names,
             )
             new.append((state, definition, r.suspend))
         inserted = await o.store.insert_executions(conn, [s for s, _, _ in new], now)
