@@ -26,6 +26,7 @@ from dataclasses import replace
 from datetime import timedelta
 from typing import Literal
 
+from sagaflow.core import fanout, fanout_undo
 from sagaflow.core.decisions import Dispatch
 from sagaflow.core.definition import FAIL, PASS, StepDef
 from sagaflow.core.effects import Effects, end, render_over, set_phase, stop_forward, timer_key
@@ -96,12 +97,18 @@ def _mark(out: Effects) -> list[str]:
         step = out.step(spec.name)
         if step.undo is not None:
             continue
-        if step.phase is StepPhase.SUCCEEDED:
+        if step.phase is StepPhase.SUCCEEDED or (
+            step.phase is StepPhase.FAILED and fanout.has_successes(step)
+        ):
             marked.append(spec.name)
             if spec.name in skipped:
                 _skip(out, step, "listed in skipCompensation")
             else:
                 out.set_step(replace(step, undo=Undo()))
+        elif step.phase is StepPhase.RUNNING and spec.fan_out and spec.name not in skipped:
+            # Items in flight are always awaited: undoing one still running is no undo.
+            message = f"step {spec.name}: items in flight; those that succeed are undone"
+            out.record("StepInDoubt", message, spec.name)
         elif step.phase is StepPhase.RUNNING and spec.name not in skipped:
             attempt = f"attempt {step.attempt} is in flight"
             if in_doubt is InDoubt.COMPENSATE:
@@ -122,7 +129,7 @@ def _status(out: Effects, spec: StepDef) -> Status:
     if undo is None:
         awaited = (
             step.phase is StepPhase.RUNNING
-            and out.definition.compensation.in_doubt is InDoubt.AWAIT
+            and (spec.fan_out or out.definition.compensation.in_doubt is InDoubt.AWAIT)
             and spec.name not in out.state.skip_compensation
         )
         return "awaiting" if awaited else "done"
@@ -182,6 +189,9 @@ _HELP = "; redrive to retry it, or list it in spec.skipCompensation once undone 
 
 
 def _dispatch(out: Effects, spec: StepDef) -> None:
+    if spec.fan_out:
+        fanout_undo.begin(out, spec)
+        return
     step = out.step(spec.name)
     comp = spec.compensate
     assert comp is not None
@@ -348,7 +358,7 @@ def in_doubt_settled(out: Effects, name: str, *, succeeded: bool) -> None:
         succeeded
         and spec.compensate is not None
         and step.undo is None
-        and out.definition.compensation.in_doubt is InDoubt.AWAIT
+        and (spec.fan_out or out.definition.compensation.in_doubt is InDoubt.AWAIT)
         and name not in out.state.skip_compensation
     ):
         out.set_step(replace(step, undo=Undo()))
@@ -360,7 +370,9 @@ def resume(out: Effects) -> None:
     """After a resume: compensation retries that came due go out, then whoever's turn it is."""
     for spec in _undoable(out):
         undo = out.step(spec.name).undo
-        if (
+        if spec.fan_out:
+            fanout_undo.resume(out, spec)
+        elif (
             undo is not None
             and undo.status == "retrying"
             and undo.next_retry_at is not None

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from sagaflow.core import compensation, forward
+from sagaflow.core import compensation, finals, forward
 from sagaflow.core.effects import Effects
 from sagaflow.core.facts import Cancel, Redrive, SkipCompensation
 from sagaflow.core.manifests import ExecutionPhase, StepPhase
@@ -101,6 +101,7 @@ def redrive(out: Effects, fact: Redrive) -> str | None:
         moved = f" onto v{out.definition.version}"
     redrives = state.redrives + 1
     if phase is ExecutionPhase.FAILED:
+        finals.reset(out)
         rerun = _reset_forward(out)
         out.state = replace(
             out.state,

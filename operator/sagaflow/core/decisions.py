@@ -53,6 +53,8 @@ class Decision:
     cancel_timers: tuple[str, ...] = ()
     records: tuple[Record, ...] = ()
     ignored: str | None = None  # why the fact changed nothing, if it did not
+    # Why a signal was refused (undeclared, bad data, finished run): the sender is told.
+    refused: str | None = None
 
     @property
     def applied(self) -> bool:

@@ -18,7 +18,7 @@ from datetime import datetime
 from typing import Any
 
 from sagaflow.core.decisions import Decision, Dispatch, Record, Timer
-from sagaflow.core.definition import WAIT, Definition
+from sagaflow.core.definition import WAIT, WAIT_SIGNAL, Definition
 from sagaflow.core.expressions import ExpressionError, render
 from sagaflow.core.facts import TimerKind
 from sagaflow.core.manifests import ExecutionPhase, StepPhase
@@ -41,6 +41,21 @@ def timer_key(kind: TimerKind, step: str, attempt: int) -> str:
     return f"{kind}:{step}:{attempt}"
 
 
+def item_key(step: str, index: int) -> str:
+    """What stands for a forEach item where a step name goes (ids, timers, messages):
+    `charge[3]`, so its attempt ids are `<execution>/charge[3]/<attempt>`."""
+    return f"{step}[{index}]"
+
+
+def split_item_key(key: str) -> tuple[str, int | None]:
+    """`charge[3]` -> ("charge", 3); a plain step name -> (name, None). Step names hold
+    no '[', so the two never mix."""
+    if not key.endswith("]") or "[" not in key:
+        return key, None
+    name, _, number = key[:-1].partition("[")
+    return (name, int(number)) if number.isdigit() else (key, None)
+
+
 @dataclass
 class Effects:
     """Accumulates effects while one fact is applied; frozen into a Decision at the end."""
@@ -53,6 +68,12 @@ class Effects:
     # decision ends as a cancel, so the adapter never has to order the two.
     timer_ops: dict[str, Timer | None] = field(default_factory=dict)
     records: list[Record] = field(default_factory=list)
+    refused: str | None = None
+
+    def refuse(self, kind: str, reason: str) -> None:
+        """Refuse what was sent (a signal): history says why, and so does the decision."""
+        self.refused = reason
+        self.record(kind, reason)
 
     def set_timer(self, timer: Timer) -> None:
         self.timer_ops.pop(timer.key, None)
@@ -91,6 +112,7 @@ class Effects:
             timers=tuple(t for t in self.timer_ops.values() if t is not None),
             cancel_timers=tuple(k for k, t in self.timer_ops.items() if t is None),
             records=tuple(self.records),
+            refused=self.refused,
         )
 
 
@@ -107,20 +129,38 @@ def set_phase(out: Effects, phase: ExecutionPhase) -> None:
 def stop_forward(out: Effects) -> None:
     """No more forward work: steps never started are Skipped, retries are Failed (their
     timers cancelled), waits end, the workflow timeout is cancelled. Attempts in flight
-    are left alone: their results are still recorded when they come."""
-    for step in out.state.steps.values():
+    are left alone: their results are still recorded when they come. `finally` steps
+    are not forward work: they run after the end."""
+    for spec in out.definition.steps:
+        step = out.step(spec.name)
         if step.phase is StepPhase.PENDING:
-            out.set_step(replace(step, phase=StepPhase.SKIPPED))
+            out.set_step(replace(step, phase=StepPhase.SKIPPED, reason="the run stopped first"))
         elif step.phase is StepPhase.RETRYING:
             out.set_step(
                 replace(step, phase=StepPhase.FAILED, finished_at=out.now, next_retry_at=None)
             )
             out.cancel_timers(timer_key("retry", step.name, step.attempt + 1))
-        elif step.phase is StepPhase.RUNNING and out.definition.step(step.name).type == WAIT:
+        elif step.phase is StepPhase.RUNNING and spec.type in (WAIT, WAIT_SIGNAL):
             out.set_step(replace(step, phase=StepPhase.SKIPPED, finished_at=out.now))
-            out.cancel_timers(timer_key("wait", step.name, step.attempt))
+            kind: TimerKind = "wait" if spec.type == WAIT else "signal-timeout"
+            out.cancel_timers(timer_key(kind, step.name, step.attempt))
+        elif step.phase is StepPhase.RUNNING and step.items is not None:
+            stop_items(out, step)
     if out.definition.timeout is not None:
         out.cancel_timers(WORKFLOW_TIMEOUT_KEY)
+
+
+def stop_items(out: Effects, step: StepState) -> None:
+    """A forEach step stops: items not started stay Pending, retrying ones fail."""
+    items = step.items
+    assert items is not None
+    if items.count(StepPhase.RETRYING):
+        for index, item in enumerate(items.entries):
+            if item.phase is StepPhase.RETRYING:
+                items = items.put(index, replace(item, phase=StepPhase.FAILED, ready=False))
+                key = item_key(step.name, index)
+                out.cancel_timers(timer_key("retry", key, item.attempt + 1))
+    out.set_step(replace(step, items=items))
 
 
 def end(out: Effects, phase: ExecutionPhase, detail: str = "") -> None:
@@ -165,13 +205,25 @@ def context(state: ExecutionState, *, undo: bool = False) -> tuple[dict[str, Any
     return out, guarded
 
 
-def render_over(state: ExecutionState, value: Any, path: str, *, undo: bool = False) -> Any:
+def render_over(
+    state: ExecutionState,
+    value: Any,
+    path: str,
+    *,
+    undo: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> Any:
     """Render `value`'s templates over the execution's input and step outputs.
+
+    `extra` adds names to the context: `item` and `index` for a forEach item,
+    `execution` for a `finally` step.
 
     An output stored by reference passes through whole as its marker; looking inside
     it raises ExpressionError (never a silent null: the payload is not here).
     """
     ctx, guarded = context(state, undo=undo)
+    if extra:
+        ctx.update(extra)
     try:
         rendered = render(value, ctx, path=path)
     except ReferenceAccessError as exc:

@@ -20,15 +20,16 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sagaflow.core import compensation, control, forward
+from sagaflow.core import compensation, control, fanout, fanout_undo, finals, forward, signals
 from sagaflow.core.decisions import Decision, Dispatch, Record, Timer
 from sagaflow.core.definition import Definition
-from sagaflow.core.effects import WORKFLOW_TIMEOUT_KEY, Effects, timer_key
+from sagaflow.core.effects import WORKFLOW_TIMEOUT_KEY, Effects, split_item_key, timer_key
 from sagaflow.core.facts import (
     Cancel,
     Fact,
     Redrive,
     Resume,
+    SignalReceived,
     SkipCompensation,
     Start,
     StepCompleted,
@@ -52,10 +53,18 @@ def decide(state: ExecutionState, definition: Definition, fact: Fact, now: datet
     reason = _apply(out, fact)
     if reason is not None:
         return Decision(state=state, ignored=reason)
+    finals.after(out)
     return out.decision()
 
 
 def _apply(out: Effects, fact: Fact) -> str | None:
+    if isinstance(fact, StepCompleted | StepFailed | StepHeartbeat | TimerFired):
+        name, index = split_item_key(fact.step)
+        if index is not None:
+            return _apply_item(out, fact, name, index)
+        spec = out.definition.by_name.get(fact.step)
+        if spec is not None and spec.final:
+            return finals.apply(out, fact)
     if isinstance(fact, StepCompleted):
         if fact.compensation:
             return compensation.completed(out, fact)
@@ -84,4 +93,27 @@ def _apply(out: Effects, fact: Fact) -> str | None:
         return control.redrive(out, fact)
     if isinstance(fact, SkipCompensation):
         return control.skip_compensation(out, fact)
+    if isinstance(fact, SignalReceived):
+        return signals.received(out, fact)
     raise TypeError(f"unknown fact {fact!r}")  # pragma: no cover - Fact is a closed union
+
+
+def _apply_item(
+    out: Effects,
+    fact: StepCompleted | StepFailed | StepHeartbeat | TimerFired,
+    name: str,
+    index: int,
+) -> str | None:
+    """A fact about one item of a forEach step (`<step>[<index>]`)."""
+    undo = (
+        fact.kind.startswith("compensation") if isinstance(fact, TimerFired) else fact.compensation
+    )
+    if undo:
+        return fanout_undo.apply(out, fact, name, index)
+    if isinstance(fact, StepCompleted):
+        return fanout.completed(out, name, index, fact)
+    if isinstance(fact, StepFailed):
+        return fanout.failed(out, name, index, fact)
+    if isinstance(fact, StepHeartbeat):
+        return fanout.heartbeat(out, name, index, fact)
+    return fanout.timer(out, name, index, fact)

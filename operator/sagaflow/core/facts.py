@@ -23,6 +23,7 @@ TimerKind = Literal[
     "wait",
     "compensation-retry",
     "compensation-timeout",
+    "signal-timeout",
 ]
 
 
@@ -94,5 +95,14 @@ class SkipCompensation:
     steps: tuple[str, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class SignalReceived:
+    """A signal from a person or an outside system; `signal_id` makes it once-only."""
+
+    name: str
+    signal_id: str
+    data: Any = None
+
+
 Control = Cancel | Suspend | Resume | Redrive | SkipCompensation
-Fact = Start | StepCompleted | StepFailed | StepHeartbeat | TimerFired | Control
+Fact = Start | StepCompleted | StepFailed | StepHeartbeat | TimerFired | SignalReceived | Control

@@ -19,9 +19,9 @@ from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
-from sagaflow.core import compensation
+from sagaflow.core import compensation, conditions, fanout, finals, signals
 from sagaflow.core.decisions import Dispatch, Timer
-from sagaflow.core.definition import FAIL, PASS, WAIT, StepDef
+from sagaflow.core.definition import FAIL, PASS, WAIT, WAIT_SIGNAL, StepDef
 from sagaflow.core.durations import parse_duration
 from sagaflow.core.effects import WORKFLOW_TIMEOUT_KEY, Effects, end, render_over, timer_key
 from sagaflow.core.expressions import ExpressionError
@@ -115,11 +115,12 @@ def fail_attempt(
         return found
     spec = out.definition.step(name)
     out.cancel_timers(*attempt_timer_keys(name, attempt))
+    live = finals.dispatching(out) if spec.final else out.state.underlying_phase is RUNNING
     can_retry = (
         retryable
         and error.type not in spec.retry.non_retryable_errors
         and attempt < spec.retry.max_attempts
-        and out.state.underlying_phase is RUNNING
+        and live
     )
     if not can_retry:
         out.set_step(replace(found, phase=StepPhase.FAILED, finished_at=out.now, error=error))
@@ -130,7 +131,9 @@ def fail_attempt(
             attempt=attempt,
             error=error.type,
         )
-        if out.state.underlying_phase is RUNNING:
+        if spec.final:
+            finals.advance(out)
+        elif out.state.underlying_phase is RUNNING:
             cause = Failure(error.type, f"step {name} failed: {error.message}", step=name)
             compensation.fail(out, cause)
         else:
@@ -148,7 +151,7 @@ def fail_attempt(
         delaySeconds=delay,
         error=error.type,
     )
-    if delay <= 0 and out.state.phase is RUNNING:
+    if delay <= 0 and _dispatching(out, spec):
         dispatch(out, out.step(name), spec)
     else:
         out.timer("retry", name, attempt + 1, due)
@@ -180,15 +183,22 @@ def timer(out: Effects, fact: TimerFired) -> str | None:
         step = out.state.steps.get(fact.step)
         if step is None or step.phase is not StepPhase.RETRYING or step.attempt != fact.attempt - 1:
             return "retry no longer due"
+        spec = out.definition.step(fact.step)
         if out.state.phase is ExecutionPhase.SUSPENDED:
             if step.next_retry_at is not None and step.next_retry_at <= out.now:
                 return "suspended: the retry is dispatched on resume"
             # Due now: the resume dispatches it, whatever the clock says by then.
             out.set_step(replace(step, next_retry_at=out.now))
             return None
-        if out.state.phase is not RUNNING:
+        if not _dispatching(out, spec):
             return "execution no longer running"
-        dispatch(out, step, out.definition.step(fact.step))
+        dispatch(out, step, spec)
+        return None
+    if fact.kind == "signal-timeout":
+        found = current(out, fact.step, fact.attempt)
+        if isinstance(found, str):
+            return found
+        signals.timed_out(out, found)
         return None
     if fact.kind == "wait":
         found = current(out, fact.step, fact.attempt)
@@ -217,7 +227,8 @@ def timer(out: Effects, fact: TimerFired) -> str | None:
 
 
 def advance(out: Effects) -> None:
-    """Dispatch every step whose dependencies have all succeeded; complete when all did."""
+    """Start every step whose dependencies are done (Succeeded or Skipped); complete
+    when every step is."""
     progressed = True
     while progressed and out.state.phase is RUNNING:
         progressed = False
@@ -226,17 +237,41 @@ def advance(out: Effects) -> None:
             step = steps[spec.name]
             if step.phase is not StepPhase.PENDING:
                 continue
-            if all(steps[d].phase is StepPhase.SUCCEEDED for d in spec.depends_on):
-                dispatch(out, step, spec)
+            if all(steps[d].phase in _DONE for d in spec.depends_on):
+                begin(out, step, spec)
                 progressed = True
                 steps = out.state.steps
                 if out.state.phase is not RUNNING:
                     return
     # A run whose last step succeeds while it is suspended completes: nothing is left.
     if out.state.underlying_phase is RUNNING and all(
-        s.phase is StepPhase.SUCCEEDED for s in out.state.steps.values()
+        out.step(s.name).phase in _DONE for s in out.definition.steps
     ):
         _complete(out)
+
+
+_DONE = (StepPhase.SUCCEEDED, StepPhase.SKIPPED)
+
+
+def begin(out: Effects, step: StepState, spec: StepDef) -> None:
+    """A step's turn has come: skip it (`when`), fan it out (`forEach`), or dispatch it."""
+    if spec.when is not None:
+        skip = conditions.skip_reason(out, spec)
+        if isinstance(skip, Failure):
+            out.set_step(replace(step, phase=StepPhase.RUNNING, attempt=1, started_at=out.now))
+            fail_attempt(out, spec.name, 1, skip, retryable=False)
+            return
+        if skip is not None:
+            out.set_step(replace(step, phase=StepPhase.SKIPPED, reason=skip, finished_at=out.now))
+            out.record("StepSkipped", f"step {spec.name} skipped: {skip}", spec.name)
+            return
+    if spec.fan_out:
+        failure = fanout.begin(out, step, spec)
+        if failure is not None:
+            out.set_step(replace(step, phase=StepPhase.RUNNING, attempt=1, started_at=out.now))
+            fail_attempt(out, spec.name, 1, failure, retryable=False)
+        return
+    dispatch(out, step, spec)
 
 
 def resume(out: Effects) -> None:
@@ -250,6 +285,10 @@ def resume(out: Effects) -> None:
         ):
             out.cancel_timers(timer_key("retry", step.name, step.attempt + 1))
             dispatch(out, step, spec)
+            if out.state.phase is not RUNNING:
+                return
+        elif step.items is not None:
+            fanout.resume(out, spec)
             if out.state.phase is not RUNNING:
                 return
     advance(out)
@@ -266,8 +305,9 @@ def dispatch(out: Effects, step: StepState, spec: StepDef) -> None:
         attempt_started_at=now,
         next_retry_at=None,
     )
+    extra = finals.context(out) if spec.final else None
     try:
-        rendered = render_over(out.state, spec.input, f"steps.{spec.name}.input")
+        rendered = render_over(out.state, spec.input, f"steps.{spec.name}.input", extra=extra)
     except ExpressionError as exc:
         out.set_step(running)
         error = Failure("ExpressionError", str(exc))
@@ -285,6 +325,9 @@ def dispatch(out: Effects, step: StepState, spec: StepDef) -> None:
         return
     if spec.type == WAIT:
         _start_wait(out, out.step(spec.name), rendered)
+        return
+    if spec.type == WAIT_SIGNAL:
+        signals.begin_wait(out, out.step(spec.name), rendered)
         return
     deadline = now + timedelta(seconds=spec.timeout) if spec.timeout is not None else None
     out.dispatches.append(
@@ -333,6 +376,14 @@ def _complete(out: Effects) -> None:
         out.cancel_timers(WORKFLOW_TIMEOUT_KEY)
     out.state = replace(out.state, output=output, error=None)
     end(out, ExecutionPhase.COMPLETED)
+
+
+def _dispatching(out: Effects, spec: StepDef) -> bool:
+    """Whether `spec` may be dispatched now: forward steps while the run is Running,
+    `finally` steps while they run (and the run is not suspended)."""
+    if spec.final:
+        return finals.dispatching(out)
+    return out.state.phase is RUNNING
 
 
 def attempt_timer_keys(step: str, attempt: int) -> tuple[str, ...]:

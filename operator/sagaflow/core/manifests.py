@@ -287,6 +287,9 @@ class StepStatus(_Model):
     output_truncated: bool | None = None
     error: StepError | None = None
     compensation: CompensationStatus | None = None
+    reason: str | None = None  # why the step was Skipped
+    # A forEach step: how many items are in each phase, and `total`.
+    items: dict[str, int] | None = None
 
 
 class Condition(_Model):
@@ -313,6 +316,10 @@ class ExecutionStatus(_Model):
     error: StepError | None = None
     # Redrives carried out (spec.redrive asks for them).
     redrives: int = 0
+    # The `finally` steps: Running, Succeeded or Failed (the phase stays as it ended).
+    finally_: str | None = Field(default=None, alias="finally")
+    # While Pending: why the run has not started (a concurrency limit).
+    waiting: str | None = None
     conditions: tuple[Condition, ...] = ()
     # The Postgres revision mirrored here: a status write with a lower one is stale.
     revision: int | None = None

@@ -109,6 +109,128 @@ class Request:
 
 
 @dataclass(frozen=True, slots=True)
+class Item:
+    """One item run of a forEach step: its own attempts, result and undo.
+
+    Kept small (no times): a step may have 10,000 of them, all in the state row.
+    `ready` marks a retry that came due while the run was suspended.
+    """
+
+    phase: StepPhase = StepPhase.PENDING
+    attempt: int = 0
+    output: Any = None
+    error: Failure | None = None
+    ready: bool = False
+    undo_attempt: int = 0
+    undo_error: Failure | None = None
+    undo_retrying: bool = False  # its compensation waits for a retry timer
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"phase": self.phase.value}
+        if self.attempt:
+            out["attempt"] = self.attempt
+        if self.output is not None:
+            out["output"] = self.output
+        if self.error is not None:
+            out["error"] = self.error.to_json()
+        if self.ready:
+            out["ready"] = True
+        if self.undo_attempt:
+            out["undoAttempt"] = self.undo_attempt
+        if self.undo_error is not None:
+            out["undoError"] = self.undo_error.to_json()
+        if self.undo_retrying:
+            out["undoRetrying"] = True
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Item:
+        return cls(
+            phase=StepPhase(data["phase"]),
+            attempt=data.get("attempt", 0),
+            output=data.get("output"),
+            error=Failure.from_json(data.get("error")),
+            ready=data.get("ready", False),
+            undo_attempt=data.get("undoAttempt", 0),
+            undo_error=Failure.from_json(data.get("undoError")),
+            undo_retrying=data.get("undoRetrying", False),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Items:
+    """The item runs of a forEach step, with counts per phase kept up to date.
+
+    Replacing one item copies the tuple (C speed, microseconds for 10,000 items) and
+    adjusts two counts, so a transition never walks every item. `cursor` is the first
+    index that may still be Pending: items start in order.
+    """
+
+    values: tuple[Any, ...]
+    entries: tuple[Item, ...]
+    counts: dict[StepPhase, int] = field(compare=False)
+    cursor: int = 0
+
+    @classmethod
+    def new(cls, values: tuple[Any, ...]) -> Items:
+        return cls(values, (Item(),) * len(values), {StepPhase.PENDING: len(values)})
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def count(self, *phases: StepPhase) -> int:
+        return sum(self.counts.get(p, 0) for p in phases)
+
+    def put(self, index: int, item: Item, *, cursor: int | None = None) -> Items:
+        old = self.entries[index]
+        counts = dict(self.counts)
+        counts[old.phase] -= 1
+        counts[item.phase] = counts.get(item.phase, 0) + 1
+        # Concatenation: measured faster than unpacking into a new tuple (29 vs 44 us).
+        entries = self.entries[:index] + (item,) + self.entries[index + 1 :]  # noqa: RUF005
+        return Items(self.values, entries, counts, self.cursor if cursor is None else cursor)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "values": list(self.values),
+            "entries": [e.to_json() for e in self.entries],
+            "cursor": self.cursor,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Items:
+        entries = tuple(Item.from_json(e) for e in data["entries"])
+        counts: dict[StepPhase, int] = {}
+        for e in entries:
+            counts[e.phase] = counts.get(e.phase, 0) + 1
+        return cls(tuple(data["values"]), entries, counts, data.get("cursor", 0))
+
+
+@dataclass(frozen=True, slots=True)
+class Signal:
+    id: str
+    name: str
+    data: Any
+    at: datetime
+    step: str | None = None  # the wait that took it
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "data": self.data,
+            "at": _ts(self.at),
+            "step": self.step,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Signal:
+        at = _dt(data["at"])
+        assert at is not None
+        return cls(data["id"], data["name"], data.get("data"), at, data.get("step"))
+
+
+@dataclass(frozen=True, slots=True)
 class Parent:
     """The step attempt a child execution runs for: its end is that attempt's result."""
 
@@ -158,6 +280,8 @@ class StepState:
     # compensation input may read it.
     input: Any = None
     undo: Undo | None = None
+    reason: str | None = None  # why the step is Skipped or waiting, for people
+    items: Items | None = None  # a forEach step's item runs
 
     def to_json(self) -> dict[str, Any]:
         out = {
@@ -175,6 +299,10 @@ class StepState:
             out["input"] = self.input
         if self.undo is not None:
             out["undo"] = self.undo.to_json()
+        if self.reason is not None:
+            out["reason"] = self.reason
+        if self.items is not None:
+            out["items"] = self.items.to_json()
         return out
 
     @classmethod
@@ -191,6 +319,8 @@ class StepState:
             error=Failure.from_json(data.get("error")),
             input=data.get("input"),
             undo=Undo.from_json(data.get("undo")),
+            reason=data.get("reason"),
+            items=Items.from_json(data["items"]) if "items" in data else None,
         )
 
 
@@ -223,11 +353,20 @@ class ExecutionState:
     waiting: str | None = None
     correlation_key: str | None = None  # spec.correlationKey
     parent: Parent | None = None  # set on a child execution
+    # Every signal accepted, in arrival order; `step` is the wait that took it (None:
+    # kept until a wait for it starts). Their ids make a repeated signal a no-op.
+    signals: tuple[Signal, ...] = ()
+    # `finally` steps: None before the end; "running" while they run; then "done", or
+    # "failed" when one of them failed (the run's phase stays as it ended).
+    finalizing: str | None = None
 
     @property
     def at_rest(self) -> bool:
         """Nothing happens until someone acts: terminal, CompensationFailed, or Suspended
-        with no step or compensation in flight (their results still come in)."""
+        with no step or compensation in flight (their results still come in). A run
+        whose `finally` steps are running is not at rest."""
+        if self.finalizing == "running":
+            return False
         if self.phase is ExecutionPhase.SUSPENDED:
             return not any(
                 s.phase is StepPhase.RUNNING or (s.undo is not None and s.undo.status == "running")
@@ -292,6 +431,10 @@ class ExecutionState:
             out["correlationKey"] = self.correlation_key
         if self.parent is not None:
             out["parent"] = self.parent.to_json()
+        if self.signals:
+            out["signals"] = [s.to_json() for s in self.signals]
+        if self.finalizing is not None:
+            out["finalizing"] = self.finalizing
         return out
 
     @classmethod
@@ -321,6 +464,8 @@ class ExecutionState:
             waiting=data.get("waiting"),
             correlation_key=data.get("correlationKey"),
             parent=Parent.from_json(data.get("parent")),
+            signals=tuple(Signal.from_json(s) for s in data.get("signals", ())),
+            finalizing=data.get("finalizing"),
         )
 
 

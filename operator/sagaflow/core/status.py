@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from sagaflow.core import fanout
 from sagaflow.core.manifests import API_VERSION, ExecutionPhase, StepPhase
 from sagaflow.core.payload_refs import is_ref, ref_of
 from sagaflow.core.state import ExecutionState, StepState
@@ -59,6 +60,10 @@ def step_status(step: StepState) -> dict[str, Any]:
         out["error"] = step.error.to_json()
     if step.undo is not None and step.undo.attempt:
         out["compensation"] = _undo_status(step)
+    if step.reason is not None:
+        out["reason"] = step.reason
+    if step.items is not None:
+        out["items"] = fanout.summary(step)
     return out
 
 
@@ -119,6 +124,8 @@ def execution_status(state: ExecutionState) -> dict[str, Any]:
         status["error"] = state.error.to_json()
     if state.redrives:
         status["redrives"] = state.redrives
+    if state.finalizing is not None:
+        status["finally"] = _finally(state)
     status["conditions"] = [_succeeded(state), _ready(state)]
     if state.request is not None:
         r = state.request
@@ -127,6 +134,14 @@ def execution_status(state: ExecutionState) -> dict[str, Any]:
         status["conditions"].append(condition("Request", verdict, reason, r.message, r.at))
     status["revision"] = state.revision
     return status
+
+
+_FINALLY = {"running": "Running", "done": "Succeeded", "failed": "Failed"}
+
+
+def _finally(state: ExecutionState) -> str:
+    """How the `finally` steps went: Running, Succeeded or Failed."""
+    return _FINALLY.get(state.finalizing or "", "Unknown")
 
 
 def _succeeded(state: ExecutionState) -> dict[str, Any]:
