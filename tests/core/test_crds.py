@@ -221,11 +221,15 @@ def test_samples_pass_their_crd_schema(document: dict[str, Any]) -> None:
 
 
 def _order_workflow() -> dict[str, Any]:
-    return next(d for d in _sample_documents() if d["kind"] == "Workflow")
+    return next(d for d in _sample_documents() if d["metadata"]["name"] == "order-fulfilment")
 
 
 def _order_execution() -> dict[str, Any]:
-    return next(d for d in _sample_documents() if d["kind"] == "Execution")
+    return next(
+        d
+        for d in _sample_documents()
+        if d["kind"] == "Execution" and d["spec"]["workflowRef"]["name"] == "order-fulfilment"
+    )
 
 
 def _missing_workflow_ref() -> dict[str, Any]:
