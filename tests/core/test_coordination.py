@@ -453,3 +453,14 @@ def test_a_wait_times_out_with_signal_timeout() -> None:
     assert flow.state.phase is E.FAILED
     late = flow(SignalReceived("approval", "s1", {"approved": True}))
     assert late.refused is not None
+
+
+def test_a_finally_condition_reads_how_the_run_ended() -> None:
+    alert = task("alert", type="ops.page", when="${{ execution.phase == 'Failed' }}")
+    flow = Flow({"steps": [task("a")], "finally": [alert]})
+    flow(Start())
+    flow.ok("a")
+    assert flow.phase("alert") is S.SKIPPED
+    failing = Flow({"steps": [task("a")], "finally": [alert]})
+    failing(Start())
+    assert steps_of(failing.fail("a")) == ["alert"]

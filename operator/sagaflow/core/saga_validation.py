@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from sagaflow.core import expressions
-from sagaflow.core.definition import FAIL, PASS, WAIT
+from sagaflow.core.definition import FAIL, PASS, WAIT, WAIT_SIGNAL
 from sagaflow.core.manifests import StepSpec
 
 # Built-in steps do nothing outside Sagaflow, so there is nothing to undo.
@@ -18,6 +18,7 @@ _NOTHING_TO_UNDO = {
     PASS: "a sagaflow.pass step only passes data on: there is nothing to undo",
     WAIT: "a sagaflow.wait step only waits: there is nothing to undo",
     FAIL: "a sagaflow.fail step never succeeds: there is nothing to undo",
+    WAIT_SIGNAL: "a sagaflow.waitForSignal step only waits for a signal: there is nothing to undo",
 }
 # A compensation may be a runner's type, or pass/fail (an ordering point, a drill).
 _COMPENSATION_BUILTINS = (PASS, FAIL)
@@ -62,8 +63,8 @@ def saga_problems(
 def _compensation_type(
     kind: str, at: str, is_known_type: Callable[[str], bool] | None
 ) -> list[tuple[str, str]]:
-    if kind == WAIT:
-        return [(at, "sagaflow.wait cannot undo a step; use a runner's step type")]
+    if kind in (WAIT, WAIT_SIGNAL):
+        return [(at, f"{kind} cannot undo a step; use a runner's step type")]
     if kind in _COMPENSATION_BUILTINS or is_known_type is None or is_known_type(kind):
         return []
     return [(at, f"no runner registered for step type '{kind}' and it is not built in")]

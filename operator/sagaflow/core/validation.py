@@ -1,10 +1,13 @@
 """Loading and validating manifests: YAML text in, models and every problem out.
 
 This module owns the rules a manifest must satisfy beyond its field types: the
-envelope (`apiVersion`, `kind`), cross-field rules of a Workflow (unique step
-names, known dependencies, no cycles, valid templates that only read upstream
-outputs, known step types, literal inputs of the built-in steps) and rules
-across documents (unique names, Executions naming a known Workflow).
+envelope (`apiVersion`, `kind`), cross-field rules of a Workflow (valid
+templates, known step types, literal inputs of the built-in steps) and rules
+across documents (unique names, Executions naming a known Workflow). The step
+graphs (unique names, known dependencies, no cycles, templates that only read
+upstream outputs) and the data-flow rules (`when`, `forEach`, `finally`,
+signals, child workflows) live in `sagaflow.core.flow_validation`, the saga rules
+in `sagaflow.core.saga_validation`; this module runs them all.
 
 It is pure so that local mode, the CLI and the operator's admission path report
 the same problems the same way. It never raises for bad input and never stops
@@ -24,7 +27,8 @@ import yaml
 from pydantic import ValidationError
 
 from sagaflow.core import expressions
-from sagaflow.core.definition import BUILTIN_TYPES
+from sagaflow.core import flow_validation as flow
+from sagaflow.core.definition import BUILTIN_TYPES, FAIL, WAIT, WAIT_SIGNAL
 from sagaflow.core.durations import parse_duration
 from sagaflow.core.jsonsafe import unstorable
 from sagaflow.core.manifests import (
@@ -187,28 +191,20 @@ def validate_workflow(
     workflow: Workflow, is_known_type: Callable[[str], bool] | None = None
 ) -> list[tuple[str, str]]:
     """Return (field path, reason) for every cross-field problem of a Workflow."""
-    steps = workflow.spec.steps
-    first_index: dict[str, int] = {}
+    spec = workflow.spec
     problems: list[tuple[str, str]] = []
-    for i, step in enumerate(steps):
-        if step.name in first_index:
-            first = f"spec.steps[{first_index[step.name]}]"
-            reason = f"duplicate step name '{step.name}' (first used by {first})"
-            problems.append((f"spec.steps[{i}].name", reason))
-        else:
-            first_index[step.name] = i
-    problems += _dependency_problems(steps, first_index)
-    problems += _cycle_problems(steps, first_index)
-    upstream = _upstream(steps, first_index)
-    for i, step in enumerate(steps):
-        base = f"spec.steps[{i}]"
-        problems += _template_problems(step.input, f"{base}.input")
-        problems += _reference_problems(step, f"{base}.input", first_index, upstream[step.name])
-        problems += _type_problems(step, base, is_known_type)
-    problems += saga_problems(steps, first_index, upstream, is_known_type)
-    problems += _template_problems(workflow.spec.output, "spec.output")
-    for at, names in expressions.template_references(workflow.spec.output, "spec.output"):
-        problems += [(at, f"unknown step '{n}'") for n in sorted(names) if n not in first_index]
+    outside = flow.first_indexes(spec.finally_steps)
+    steps = flow.step_graph(spec.steps, problems, outside=outside, final=False)
+    signals = [signal.name for signal in spec.signals]
+    problems += _step_problems(steps, is_known_type, signals)
+    problems += saga_problems(spec.steps, steps.index, steps.upstream, is_known_type)
+    finals = flow.step_graph(spec.finally_steps, problems, outside=steps.index, final=True)
+    problems += _step_problems(finals, is_known_type, signals)
+    problems += flow.signal_problems(spec.signals)
+    problems += _template_problems(spec.output, "spec.output")
+    for at, names in expressions.template_references(spec.output, "spec.output"):
+        problems += [(at, f"unknown step '{n}'") for n in sorted(names) if n not in steps.index]
+    problems += flow.variable_problems(spec.output, "spec.output", ())
     return problems
 
 
@@ -216,100 +212,33 @@ def _template_problems(value: Any, path: str) -> list[tuple[str, str]]:
     return [(error.path, error.reason) for error in expressions.check_templates(value, path)]
 
 
-def _dependency_problems(
-    steps: Sequence[StepSpec], first_index: dict[str, int]
+def _step_problems(
+    graph: flow.StepGraph, is_known_type: Callable[[str], bool] | None, signals: Sequence[str]
 ) -> list[tuple[str, str]]:
-    problems = []
-    for i, step in enumerate(steps):
-        for j, dependency in enumerate(step.depends_on):
-            at = f"spec.steps[{i}].dependsOn[{j}]"
-            if dependency == step.name:
-                problems.append((at, f"step '{step.name}' cannot depend on itself"))
-            elif dependency not in first_index:
-                problems.append((at, f"unknown step '{dependency}'"))
-    return problems
-
-
-def _edges(steps: Sequence[StepSpec], first_index: dict[str, int]) -> dict[str, list[str]]:
-    """Step -> known dependencies; the first step of a duplicated name stands for it."""
-    return {
-        name: [d for d in steps[i].depends_on if d in first_index and d != name]
-        for name, i in first_index.items()
-    }
-
-
-def _cycle_problems(
-    steps: Sequence[StepSpec], first_index: dict[str, int]
-) -> list[tuple[str, str]]:
-    """Report each dependsOn entry that closes a cycle, naming the steps around it.
-
-    Iterative depth-first search: workflows may hold 500 steps, deeper than is
-    comfortable for Python recursion.
-    """
-    graph = _edges(steps, first_index)
-    done: set[str] = set()
-    problems = []
-    for root in graph:
-        stack = [] if root in done else [(root, enumerate(steps[first_index[root]].depends_on))]
-        while stack:
-            node, pending = stack[-1]
-            j, dependency = next(pending, (-1, ""))
-            if j < 0:
-                done.add(node)
-                stack.pop()
-            elif dependency in graph[node] and dependency not in done:
-                path = [name for name, _ in stack]
-                if dependency in path:
-                    cycle = " -> ".join([*path[path.index(dependency) :], dependency])
-                    at = f"spec.steps[{first_index[node]}].dependsOn[{j}]"
-                    problems.append((at, f"dependency cycle: {cycle}"))
-                else:
-                    deps = steps[first_index[dependency]].depends_on
-                    stack.append((dependency, enumerate(deps)))
-    return problems
-
-
-def _upstream(steps: Sequence[StepSpec], first_index: dict[str, int]) -> dict[str, set[str]]:
-    """Every step's transitive dependencies; the seen set makes cycles harmless."""
-    graph = _edges(steps, first_index)
-    result: dict[str, set[str]] = {}
-    for name in graph:
-        seen: set[str] = set()
-        frontier = list(graph[name])
-        while frontier:
-            current = frontier.pop()
-            if current not in seen:
-                seen.add(current)
-                frontier += graph[current]
-        result[name] = seen
-    return result
-
-
-def _reference_problems(
-    step: StepSpec, path: str, first_index: dict[str, int], upstream: set[str]
-) -> list[tuple[str, str]]:
-    problems = []
-    for at, names in expressions.template_references(step.input, path):
-        for name in sorted(names):
-            if name == step.name:
-                problems.append((at, f"step '{name}' cannot read its own output"))
-            elif name not in first_index:
-                problems.append((at, f"unknown step '{name}'"))
-            elif name not in upstream:
-                reason = f"step '{name}' is not upstream of '{step.name}'; add it to dependsOn"
-                problems.append((at, reason))
+    problems: list[tuple[str, str]] = []
+    for i, step in enumerate(graph.steps):
+        base = f"{graph.base}[{i}]"
+        problems += _template_problems(step.input, f"{base}.input")
+        problems += flow.reference_problems(step.input, f"{base}.input", step.name, graph)
+        problems += _type_problems(step, base, is_known_type, signals)
+        problems += flow.step_problems(step, base, graph)
     return problems
 
 
 def _type_problems(
-    step: StepSpec, base: str, is_known_type: Callable[[str], bool] | None
+    step: StepSpec,
+    base: str,
+    is_known_type: Callable[[str], bool] | None,
+    signals: Sequence[str],
 ) -> list[tuple[str, str]]:
     if step.type is None:
         return []  # a child workflow (`workflowRef`), checked with the other step rules
-    if step.type == "sagaflow.wait":
+    if step.type == WAIT:
         return _wait_problems(step.input, f"{base}.input")
-    if step.type == "sagaflow.fail":
+    if step.type == FAIL:
         return _fail_problems(step.input, f"{base}.input")
+    if step.type == WAIT_SIGNAL:
+        return _signal_wait_problems(step.input, f"{base}.input", signals)
     if step.type in BUILTIN_TYPES or is_known_type is None or is_known_type(step.type):
         return []
     reason = f"no runner registered for step type '{step.type}' and it is not built in"
@@ -320,7 +249,10 @@ def _wait_problems(step_input: dict[str, Any] | None, path: str) -> list[tuple[s
     at = f"{path}.duration"
     if not step_input or "duration" not in step_input:
         return [(at, "sagaflow.wait needs a duration, e.g. 30s")]
-    duration = step_input["duration"]
+    return _duration_problems(step_input["duration"], at)
+
+
+def _duration_problems(duration: Any, at: str) -> list[tuple[str, str]]:
     if not isinstance(duration, str):
         return [(at, f"must be a duration string such as 30s, got {_describe(duration)}")]
     if expressions.OPEN in duration:
@@ -330,6 +262,27 @@ def _wait_problems(step_input: dict[str, Any] | None, path: str) -> list[tuple[s
     except ValueError as error:
         return [(at, str(error))]
     return []
+
+
+def _signal_wait_problems(
+    step_input: dict[str, Any] | None, path: str, signals: Sequence[str]
+) -> list[tuple[str, str]]:
+    """`signal` names a declared signal (a template is checked when the step runs)."""
+    step_input = step_input or {}
+    at, name = f"{path}.signal", step_input.get("signal")
+    declared = f"declared: {', '.join(signals)}" if signals else "spec.signals declares none"
+    problems = []
+    if name is None:
+        problems.append((at, f"sagaflow.waitForSignal needs the signal to wait for ({declared})"))
+    elif not isinstance(name, str):
+        problems.append((at, f"must be a signal name, got {_describe(name)}"))
+    elif not signals:
+        problems.append((at, "spec.signals declares no signal to wait for"))
+    elif expressions.OPEN not in name and name not in signals:
+        problems.append((at, f"unknown signal '{name}' ({declared})"))
+    if step_input.get("timeout") is not None:  # null: wait for as long as it takes
+        problems += _duration_problems(step_input["timeout"], f"{path}.timeout")
+    return problems
 
 
 def _fail_problems(step_input: dict[str, Any] | None, path: str) -> list[tuple[str, str]]:
@@ -363,7 +316,12 @@ def validate_documents(
     """Validate every document and the rules across them; collect all problems.
 
     `existing_workflows` holds (namespace, name) of Workflows already known to
-    the caller (e.g. stored earlier), which Executions may reference.
+    the caller (e.g. stored earlier), which Executions and workflowRef steps may
+    reference. A workflowRef naming a Workflow neither among the documents nor
+    known is reported when the set is meant to be complete: it holds an Execution
+    (whose Workflow must be there too) or `existing_workflows` was given. A single
+    Workflow applied alone may call one stored earlier. Cycles among the Workflows
+    given are always reported.
     """
     checked = [_check_document(document, is_known_type) for document in documents]
     _duplicate_problems(checked)
@@ -498,3 +456,8 @@ def _workflow_ref_problems(
         if workflow is not None:
             names = [s.name for s in workflow.spec.steps]
             item.problems += skip_compensation_problems(item.model.spec.skip_compensation, names)
+    parents = [(item, item.model) for item in checked if isinstance(item.model, Workflow)]
+    complete = bool(existing_workflows) or any(item.kind == "Execution" for item in checked)
+    found = flow.child_workflow_problems([w for _, w in parents], known if complete else None)
+    for (item, _), problems in zip(parents, found, strict=True):
+        item.problems += problems
