@@ -87,6 +87,7 @@ def _parser() -> argparse.ArgumentParser:
         "(the database is ignored when SAGAFLOW_DATABASE_URL is set)",
     )
     _control_parsers(sub)
+    _signal_parser(sub)
     topology = sub.add_parser(
         "servicebus-topology",
         help="create the Service Bus queues (events, steps.<prefix>)",
@@ -110,6 +111,23 @@ _CONTROL_HELP = {
     "compensations of a CompensationFailed one",
     "skip-compensation": "pass over a step's compensation (undone by hand), so the rest goes on",
 }
+
+
+def _signal_parser(sub: Any) -> None:
+    text = "send a signal to a run that waits for it (sagaflow.waitForSignal), or will"
+    parser = sub.add_parser("signal", help=text, description=text)
+    parser.add_argument(
+        "target",
+        nargs="+",
+        metavar="[NAME] SIGNAL",
+        help="the execution's name and the signal's (only SIGNAL with --correlation-key)",
+    )
+    parser.add_argument("--data", help="the signal's data, JSON (default: null)")
+    parser.add_argument("--id", dest="signal_id", help="once-only id (default: a new one)")
+    parser.add_argument("--correlation-key", help="find the run by its spec.correlationKey")
+    parser.add_argument("--workflow", help="with --correlation-key: the run's workflow")
+    parser.add_argument("-n", "--namespace", default="default")
+    parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
 
 
 def _control_parsers(sub: Any) -> None:
@@ -190,6 +208,21 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
                 latest=getattr(args, "latest", False),
                 steps=getattr(args, "steps", ()),
                 files=getattr(args, "files", ()),
+            )
+        )
+    if args.command == "signal":
+        from sagaflow.local.control import run_signal
+
+        return asyncio.run(
+            run_signal(
+                args.target,
+                args.namespace,
+                args.state_dir,
+                settings,
+                data=args.data,
+                signal_id=args.signal_id,
+                correlation_key=args.correlation_key,
+                workflow=args.workflow,
             )
         )
     if args.command == "prune":

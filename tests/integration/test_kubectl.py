@@ -54,6 +54,7 @@ WHEN = "2030-01-01T00:00:00Z"  # a time in a status: printed as it is
 TIMEOUT = StepError(type="GatewayTimeout", message="no answer in 30s")
 
 Body = dict[str, Any]
+ORDERS = "order-fulfilment"  # the sample whose objects get a status written
 
 
 def sample_documents() -> list[Body]:
@@ -179,7 +180,8 @@ def kubectl(api: ApiServer, tmp_path: Path) -> Kubectl:
 async def samples(api: ApiServer, client: KubeClient) -> dict[str, Body]:
     """The sample objects, created; the workflow and the first execution with a status
     (written through /status), the other executions without. Keyed by name."""
-    workflow, first, *_ = of_kind("Workflow") + of_kind("Execution")
+    workflow = next(w for w in of_kind("Workflow") if w["metadata"]["name"] == ORDERS)
+    first = next(e for e in of_kind("Execution") if e["spec"]["workflowRef"]["name"] == ORDERS)
     for document in sample_documents():
         await client.create(RESOURCES[document["kind"]], NS, copy.deepcopy(document))
     name = workflow["metadata"]["name"]

@@ -26,9 +26,9 @@ from dataclasses import replace
 from datetime import timedelta
 from typing import Literal
 
-from sagaflow.core import fanout, fanout_undo
+from sagaflow.core import children, fanout, fanout_undo
 from sagaflow.core.decisions import Dispatch
-from sagaflow.core.definition import FAIL, PASS, StepDef
+from sagaflow.core.definition import CHILD, FAIL, PASS, StepDef
 from sagaflow.core.effects import Effects, end, render_over, set_phase, stop_forward, timer_key
 from sagaflow.core.expressions import ExpressionError
 from sagaflow.core.facts import StepCompleted, StepFailed, TimerFired
@@ -50,6 +50,8 @@ def cancel(out: Effects, reason: str) -> None:
 
 
 def _begin(out: Effects, cause: Failure, *, cancelled: bool) -> None:
+    if cancelled:
+        children.control(out, "Cancel")
     stop_forward(out)
     out.state = replace(out.state, error=cause, cancelled=cancelled)
     policy = out.definition.compensation
@@ -79,6 +81,21 @@ def _begin(out: Effects, cause: Failure, *, cancelled: bool) -> None:
     out.record(
         "ExecutionCompensating",
         f"compensating after {cause.type}: {cause.message}; to undo: {what}",
+        steps=marked,
+    )
+    advance(out)
+
+
+def undo_completed(out: Effects, cause: Failure) -> None:
+    """A Completed child whose parent undoes its step: undo every step it completed."""
+    out.state = replace(out.state, error=cause)
+    marked = _mark(out)
+    if not marked:
+        end(out, ExecutionPhase.COMPENSATED, "nothing to undo")
+        return
+    out.record(
+        "ExecutionCompensating",
+        f"compensating: {cause.message}; to undo: {', '.join(marked)}",
         steps=marked,
     )
     advance(out)
@@ -218,6 +235,9 @@ def _dispatch(out: Effects, spec: StepDef) -> None:
     if comp.type == FAIL:
         error = Failure(str(rendered.get("type", "Failed")), str(rendered.get("message", "")))
         _failed(out, out.step(spec.name), error, retryable=False)
+        return
+    if comp.type == CHILD:
+        children.undo_dispatch(out, spec, attempt)
         return
     deadline = out.now + timedelta(seconds=comp.timeout) if comp.timeout is not None else None
     out.dispatches.append(

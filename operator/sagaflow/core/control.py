@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from sagaflow.core import compensation, finals, forward
+from sagaflow.core import children, compensation, finals, forward
 from sagaflow.core.effects import Effects
 from sagaflow.core.facts import Cancel, Redrive, SkipCompensation
 from sagaflow.core.manifests import ExecutionPhase, StepPhase
@@ -35,6 +35,7 @@ def suspend(out: Effects) -> str | None:
         return None
     out.state = replace(out.state, phase=ExecutionPhase.SUSPENDED, resume_phase=phase)
     out.answer("Suspend", True, f"suspended while {phase.value}")
+    children.control(out, "Suspend")
     out.record(
         "ExecutionSuspended",
         f"suspended while {phase.value}: nothing new is dispatched; attempts in flight finish",
@@ -50,6 +51,7 @@ def resume(out: Effects) -> str | None:
     back = state.resume_phase or ExecutionPhase.RUNNING
     out.state = replace(state, phase=back, resume_phase=None)
     out.answer("Resume", True, f"resumed to {back.value}")
+    children.control(out, "Resume")
     out.record("ExecutionResumed", f"resumed; the execution is {back.value}")
     if back is ExecutionPhase.RUNNING:
         forward.resume(out)

@@ -23,6 +23,7 @@ class Dispatch:
     deadline: datetime | None
     heartbeat_timeout: float | None
     compensation: bool = False  # undoes `step` (attempt numbers are the undo's own)
+    workflow: str | None = None  # a child workflow step: the attempt is a child execution
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,12 +47,22 @@ class Record:
 
 
 @dataclass(frozen=True, slots=True)
+class ChildControl:
+    """A control request for the child execution of `step`'s attempt `attempt`."""
+
+    step: str
+    attempt: int
+    kind: str  # Cancel, Suspend, Resume
+
+
+@dataclass(frozen=True, slots=True)
 class Decision:
     state: ExecutionState
     dispatches: tuple[Dispatch, ...] = ()
     timers: tuple[Timer, ...] = ()
     cancel_timers: tuple[str, ...] = ()
     records: tuple[Record, ...] = ()
+    child_controls: tuple[ChildControl, ...] = ()
     ignored: str | None = None  # why the fact changed nothing, if it did not
     # Why a signal was refused (undeclared, bad data, finished run): the sender is told.
     refused: str | None = None

@@ -167,7 +167,7 @@ def _compile_steps(
             retry=Retry.from_policy(s.retry or default_retry),
             timeout=parse_duration(s.timeout) if s.timeout else None,
             heartbeat_timeout=parse_duration(s.heartbeat_timeout) if s.heartbeat_timeout else None,
-            compensate=None
+            compensate=_child_undo(s, default_retry)
             if s.compensate is None
             else CompensateDef(
                 type=s.compensate.type,
@@ -187,6 +187,13 @@ def _compile_steps(
         for s in specs
     }
     return tuple(steps[n] for n in order)
+
+
+def _child_undo(spec: StepSpec, default_retry: RetryPolicy) -> CompensateDef | None:
+    """A child workflow step is undone by compensating the child's completed steps."""
+    if spec.workflow_ref is None:
+        return None
+    return CompensateDef(CHILD, {}, Retry.from_policy(spec.retry or default_retry), None)
 
 
 def _topological(depends_on: dict[str, tuple[str, ...]]) -> list[str]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from sagaflow.core.decisions import Decision, Dispatch, Record, Timer
+from sagaflow.core.decisions import ChildControl, Decision, Dispatch, Record, Timer
 from sagaflow.core.definition import WAIT, WAIT_SIGNAL, Definition
 from sagaflow.core.expressions import ExpressionError, render
 from sagaflow.core.facts import TimerKind
@@ -69,6 +69,7 @@ class Effects:
     timer_ops: dict[str, Timer | None] = field(default_factory=dict)
     records: list[Record] = field(default_factory=list)
     refused: str | None = None
+    child_controls: list[ChildControl] = field(default_factory=list)
 
     def refuse(self, kind: str, reason: str) -> None:
         """Refuse what was sent (a signal): history says why, and so does the decision."""
@@ -113,6 +114,7 @@ class Effects:
             cancel_timers=tuple(k for k, t in self.timer_ops.items() if t is None),
             records=tuple(self.records),
             refused=self.refused,
+            child_controls=tuple(self.child_controls),
         )
 
 

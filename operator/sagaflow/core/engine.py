@@ -20,12 +20,22 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sagaflow.core import compensation, control, fanout, fanout_undo, finals, forward, signals
+from sagaflow.core import (
+    children,
+    compensation,
+    control,
+    fanout,
+    fanout_undo,
+    finals,
+    forward,
+    signals,
+)
 from sagaflow.core.decisions import Decision, Dispatch, Record, Timer
 from sagaflow.core.definition import Definition
 from sagaflow.core.effects import WORKFLOW_TIMEOUT_KEY, Effects, split_item_key, timer_key
 from sagaflow.core.facts import (
     Cancel,
+    Compensate,
     Fact,
     Redrive,
     Resume,
@@ -95,6 +105,8 @@ def _apply(out: Effects, fact: Fact) -> str | None:
         return control.skip_compensation(out, fact)
     if isinstance(fact, SignalReceived):
         return signals.received(out, fact)
+    if isinstance(fact, Compensate):
+        return children.undo_completed(out, fact)
     raise TypeError(f"unknown fact {fact!r}")  # pragma: no cover - Fact is a closed union
 
 

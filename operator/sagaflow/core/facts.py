@@ -104,5 +104,22 @@ class SignalReceived:
     data: Any = None
 
 
+@dataclass(frozen=True, slots=True)
+class Compensate:
+    """The parent undoes the step this (child) execution ran for: undo its completed
+    steps; `undo_attempt` is the parent's compensation attempt it answers."""
+
+    undo_attempt: int
+
+
 Control = Cancel | Suspend | Resume | Redrive | SkipCompensation
-Fact = Start | StepCompleted | StepFailed | StepHeartbeat | TimerFired | SignalReceived | Control
+Fact = (
+    Start
+    | StepCompleted
+    | StepFailed
+    | StepHeartbeat
+    | TimerFired
+    | SignalReceived
+    | Compensate
+    | Control
+)

@@ -140,9 +140,9 @@ def _dispatch(out: Effects, spec: StepDef, index: int) -> None:
     if deadline is not None:
         out.timer("step-timeout", key, attempt, deadline)
     if spec.heartbeat_timeout is not None:
-        out.timer(
-            "heartbeat-timeout", key, attempt, out.now + timedelta(seconds=spec.heartbeat_timeout)
-        )
+        due = out.now + timedelta(seconds=spec.heartbeat_timeout)
+        out.timer("heartbeat-timeout", key, attempt, due)
+    out.record("ItemDispatched", f"item {key} attempt {attempt} dispatched", key, attempt=attempt)
 
 
 def render_input(out: Effects, spec: StepDef, index: int, *, undo: bool = False) -> Any:
@@ -231,7 +231,7 @@ def timer(out: Effects, name: str, index: int, fact: TimerFired) -> str | None:
     else:
         return f"an item has no {fact.kind} timer"
     key = item_key(name, index)
-    out.record("StepTimedOut", f"item {key} attempt {fact.attempt}: {error.message}", name)
+    out.record("ItemTimedOut", f"item {key} attempt {fact.attempt}: {error.message}", key)
     _item_failed(out, spec, index, error, retryable=True)
     fill(out, spec)
     return None
@@ -258,6 +258,9 @@ def _item_succeeded(out: Effects, spec: StepDef, index: int, output: Any) -> Non
     done = replace(item, phase=StepPhase.SUCCEEDED, output=output, error=None)
     out.set_step(replace(step, items=step.items.put(index, done)))
     out.cancel_timers(*_attempt_timers(spec.name, index, item.attempt))
+    key = item_key(spec.name, index)
+    message = f"item {key} succeeded on attempt {item.attempt}"
+    out.record("ItemSucceeded", message, key, attempt=item.attempt)
 
 
 def _item_failed(
@@ -280,15 +283,22 @@ def _item_failed(
         out.record(
             "ItemFailed",
             f"item {key} failed on attempt {item.attempt}: {error.type}: {error.message}",
-            spec.name,
+            key,
             attempt=item.attempt,
-            item=index,
             error=error.type,
         )
         return
     delay = spec.retry.delay_after(item.attempt)
     retrying = replace(item, phase=StepPhase.RETRYING, error=error)
     out.set_step(replace(step, items=step.items.put(index, retrying)))
+    out.record(
+        "ItemRetrying",
+        f"item {key} attempt {item.attempt} failed ({error.type}: {error.message}); "
+        f"attempt {item.attempt + 1} in {delay:g}s",
+        key,
+        attempt=item.attempt,
+        error=error.type,
+    )
     if delay <= 0 and out.state.phase is RUNNING:
         _dispatch(out, spec, index)
     else:

@@ -106,6 +106,8 @@ def _dispatch(out: Effects, spec: StepDef, index: int) -> None:
     )
     if deadline is not None:
         out.timer("compensation-timeout", key, attempt, deadline)
+    message = f"item {key} compensation attempt {attempt} dispatched ({comp.type})"
+    out.record("ItemCompensating", message, key, attempt=attempt)
 
 
 def _render(out: Effects, spec: StepDef, index: int) -> Any:
@@ -196,6 +198,8 @@ def _undone(out: Effects, spec: StepDef, index: int) -> None:
     out.cancel_timers(timer_key("compensation-timeout", key, item.undo_attempt))
     done = replace(item, phase=StepPhase.COMPENSATED, undo_error=None)
     out.set_step(replace(step, items=step.items.put(index, done)))
+    message = f"item {key} compensated on attempt {item.undo_attempt}"
+    out.record("ItemCompensated", message, key, attempt=item.undo_attempt)
 
 
 def _failed(out: Effects, spec: StepDef, index: int, error: Failure, *, retryable: bool) -> None:
@@ -213,15 +217,21 @@ def _failed(out: Effects, spec: StepDef, index: int, error: Failure, *, retryabl
         waiting = replace(item, undo_error=error, undo_retrying=True)
         out.set_step(replace(step, items=step.items.put(index, waiting)))
         out.timer("compensation-retry", key, attempt + 1, due)
+        out.record(
+            "ItemCompensationRetrying",
+            f"item {key} compensation attempt {attempt} failed ({error.type}: {error.message})",
+            key,
+            attempt=attempt,
+            error=error.type,
+        )
         return
     failed = replace(item, phase=StepPhase.COMPENSATION_FAILED, undo_error=error)
     out.set_step(replace(step, items=step.items.put(index, failed)))
     out.record(
         "ItemCompensationFailed",
         f"item {key} compensation failed on attempt {attempt}: {error.type}: {error.message}",
-        spec.name,
+        key,
         attempt=attempt,
-        item=index,
         error=error.type,
     )
 

@@ -19,9 +19,9 @@ from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
-from sagaflow.core import compensation, conditions, fanout, finals, signals
+from sagaflow.core import children, compensation, conditions, fanout, finals, signals
 from sagaflow.core.decisions import Dispatch, Timer
-from sagaflow.core.definition import FAIL, PASS, WAIT, WAIT_SIGNAL, StepDef
+from sagaflow.core.definition import CHILD, FAIL, PASS, WAIT, WAIT_SIGNAL, StepDef
 from sagaflow.core.durations import parse_duration
 from sagaflow.core.effects import WORKFLOW_TIMEOUT_KEY, Effects, end, render_over, timer_key
 from sagaflow.core.expressions import ExpressionError
@@ -215,6 +215,8 @@ def timer(out: Effects, fact: TimerFired) -> str | None:
     spec = out.definition.step(fact.step)
     if fact.kind == "step-timeout":
         error = Failure("StepTimeout", f"no result within {spec.timeout or 0:g}s")
+        if spec.type == CHILD:
+            children.cancel_one(out, fact.step, fact.attempt)
     else:
         error = Failure("HeartbeatTimeout", f"no heartbeat within {spec.heartbeat_timeout or 0:g}s")
     out.record(
@@ -328,6 +330,9 @@ def dispatch(out: Effects, step: StepState, spec: StepDef) -> None:
         return
     if spec.type == WAIT_SIGNAL:
         signals.begin_wait(out, out.step(spec.name), rendered)
+        return
+    if spec.type == CHILD:
+        children.dispatch(out, out.step(spec.name), spec, rendered)
         return
     deadline = now + timedelta(seconds=spec.timeout) if spec.timeout is not None else None
     out.dispatches.append(

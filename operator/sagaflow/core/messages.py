@@ -161,6 +161,82 @@ def decode_command(body: bytes) -> ExecuteStep:
 
 
 RESULT_KINDS = ("StepCompleted", "StepFailed", "StepHeartbeat")
+SIGNAL_KIND = "Signal"
+
+
+@dataclass(frozen=True, slots=True)
+class SignalMessage:
+    """A signal for a running execution, from any outside system, on the events queue.
+
+    The target is the execution's name, or the workflow and the correlation key of
+    one of its unfinished executions. `id` makes it once-only; a message without one
+    uses its message id. The body (JSON)::
+
+        {"kind": "Signal", "namespace": "shop", "execution": "order-42",
+         "signal": "approval", "id": "approval-42", "data": {"approved": true}}
+
+    or `"workflow": "orders", "correlationKey": "order-42"` instead of `execution`.
+    """
+
+    namespace: str
+    signal: str
+    data: Any
+    id: str | None = None
+    execution: str | None = None
+    workflow: str | None = None
+    correlation_key: str | None = None
+
+    def encode(self) -> bytes:
+        body: dict[str, Any] = {
+            "kind": SIGNAL_KIND,
+            "namespace": self.namespace,
+            "signal": self.signal,
+            "data": self.data,
+        }
+        for key, value in (
+            ("id", self.id),
+            ("execution", self.execution),
+            ("workflow", self.workflow),
+            ("correlationKey", self.correlation_key),
+        ):
+            if value is not None:
+                body[key] = value
+        return _dumps(body)
+
+
+def decode_signal(data: dict[str, Any], body: bytes) -> SignalMessage:
+    """The Signal in `data` (a decoded events-queue body); MalformedMessageError naming
+    the field when it breaks the format above."""
+    execution = data.get("execution")
+    if execution is None:
+        if data.get("workflow") is None or data.get("correlationKey") is None:
+            raise MalformedMessageError(
+                "a Signal names its execution, or its workflow and correlationKey"
+            )
+        workflow, key = _str(data, "workflow"), _str(data, "correlationKey")
+    else:
+        execution, workflow, key = _str(data, "execution"), None, None
+    problem = output_problem(data.get("data"), body)
+    if problem is not None:
+        raise MalformedMessageError(problem.replace("the step's output", "data"))
+    signal_id = data.get("id")
+    return SignalMessage(
+        namespace=_str(data, "namespace") if "namespace" in data else "default",
+        signal=_str(data, "signal"),
+        data=data.get("data"),
+        id=None if signal_id is None else _str(data, "id"),
+        execution=execution,
+        workflow=workflow,
+        correlation_key=key,
+    )
+
+
+def decode_event(body: bytes) -> StepResult | SignalMessage:
+    """What arrived on the events queue: a runner's result or a Signal."""
+    data = _loads(body)
+    if data.get("kind") == SIGNAL_KIND:
+        return decode_signal(data, body)
+    return _result(data, body)
 
 
 def decode_result(body: bytes) -> StepResult:
@@ -171,7 +247,10 @@ def decode_result(body: bytes) -> StepResult:
     message is well formed and names its attempt, so it fails that step alone rather
     than being dead-lettered or poisoning the batch it arrives in.
     """
-    data = _loads(body)
+    return _result(_loads(body), body)
+
+
+def _result(data: dict[str, Any], body: bytes) -> StepResult:
     kind = data.get("kind")
     if kind not in RESULT_KINDS:
         raise MalformedMessageError(f"kind: expected {', '.join(RESULT_KINDS)}, got {kind!r}")

@@ -240,6 +240,9 @@ class Parent:
     step: str
     attempt: int
     depth: int = 1  # 1 for a child, 2 for a grandchild, ...
+    # Set when the parent undoes the step: its compensation attempt, which the
+    # child's Compensated (or CompensationFailed) end answers.
+    undo_attempt: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -249,6 +252,7 @@ class Parent:
             "step": self.step,
             "attempt": self.attempt,
             "depth": self.depth,
+            "undoAttempt": self.undo_attempt,
         }
 
     @classmethod
@@ -262,6 +266,7 @@ class Parent:
             data["step"],
             data["attempt"],
             data.get("depth", 1),
+            data.get("undoAttempt", 0),
         )
 
 

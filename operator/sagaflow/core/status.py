@@ -4,7 +4,8 @@ Pure and shared: local mode prints it, the operator mirrors it into the custom
 resource. Status is a view of Postgres; history stays in the database. Conditions
 follow Kubernetes API conventions: `Succeeded` (Unknown while running, then True or
 False), `Ready` (False while a step or a compensation waits to retry, while the run
-is suspended, and once it has failed: the reason says which) and, once a control
+is suspended, while it waits for a slot under its workflow's concurrency limit, and
+once it has failed: the reason says which) and, once a control
 request was made, `Request` (whether the last one was accepted, and why not). A
 step being undone shows its compensation's attempts and error under `compensation`.
 An output stored by reference shows as `outputRef` (uri, size, sha256), never its
@@ -183,6 +184,8 @@ def _ready(state: ExecutionState) -> dict[str, Any]:
         if step.undo.next_retry_at is not None:
             message += f"; retry at {_ts(step.undo.next_retry_at)}"
         return condition("Ready", "False", "CompensationRetrying", message, _since(state))
+    if state.phase is ExecutionPhase.PENDING and state.waiting:  # concurrency.maxExecutions
+        return condition("Ready", "False", "Waiting", state.waiting, _since(state))
     # Since the last request (a resume, a redrive), else since the start.
     message = f"execution {state.phase.value.lower()}"
     return condition("Ready", "True", state.phase.value, message, _since(state))

@@ -2,7 +2,8 @@
 
 kopf drives the handlers; the status mirror, the Event poster and the TTL collector
 run beside it and need only: read an Execution, merge-patch its status under a
-resourceVersion precondition, create an Event, delete an Execution. `KubeApi` is
+resourceVersion precondition, create an Event, create (a child's object) or delete
+an Execution. `KubeApi` is
 that narrow interface; `ClientKubeApi` implements it with the `kubernetes` client
 (in-cluster service account, else the kubeconfig), whose blocking calls run in
 threads so they never stall the event loop kopf and the orchestrator share.
@@ -25,6 +26,16 @@ EXECUTIONS = "executions"
 WORKFLOWS = "workflows"
 
 Body = dict[str, Any]
+# On the object of a child execution (which the operator creates for it): the id of
+# the execution it shows. Other Execution objects' runs are keyed by their uid.
+EXECUTION_ID = f"{API_GROUP}/execution-id"
+
+
+def execution_id_of(meta: Any) -> str:
+    """The execution an Execution object's metadata belongs to."""
+    annotations = meta.get("annotations") or {}
+    found = annotations.get(EXECUTION_ID)
+    return str(found) if found else str(meta["uid"])
 
 
 class ConflictError(Exception):
@@ -46,6 +57,9 @@ class KubeApi(Protocol):
 
     async def delete(self, plural: str, namespace: str, name: str, *, uid: str) -> None:
         """Delete the object if its uid is `uid`; returns quietly when it is gone."""
+
+    async def create(self, plural: str, namespace: str, body: Body) -> bool:
+        """Create a custom object; False when one of that name exists already."""
 
 
 # Calls in flight at once: the mirror's concurrency, threads and pooled connections.
@@ -117,6 +131,22 @@ class ClientKubeApi:
             # The client serialises a plain dict as it is.
             body: Any = event
             await self._call(self._core.create_namespaced_event, namespace, body)
+        except kubernetes.client.ApiException as exc:
+            if exc.status == 409:
+                return False
+            raise
+        return True
+
+    async def create(self, plural: str, namespace: str, body: Body) -> bool:
+        try:
+            await self._call(
+                self._custom.create_namespaced_custom_object,
+                API_GROUP,
+                VERSION,
+                namespace,
+                plural,
+                body,
+            )
         except kubernetes.client.ApiException as exc:
             if exc.status == 409:
                 return False

@@ -40,6 +40,7 @@ from sagaflow.core.facts import Cancel, Control, Redrive, Resume, SkipCompensati
 from sagaflow.core.manifests import ExecutionSpec
 from sagaflow.core.state import ExecutionState
 from sagaflow.core.status import condition
+from sagaflow.kube.api import execution_id_of
 from sagaflow.runtime.orchestrator import Orchestrator
 
 SPEC_CONDITION = "SpecAccepted"
@@ -199,7 +200,7 @@ async def carry_out(
             name,
             ask.fact,
             request_id(uid, ask.field, meta.get("generation")),
-            execution_id=uid,
+            execution_id=execution_id_of(meta),
         )
         if outcome is None:
             logger.warning(f"{ask.field}: no run of this object to ask")

@@ -19,7 +19,17 @@ from sagaflow.core.status import clip
 
 COMPONENT = "sagaflow-operator"
 # History kinds that are not Events.
-QUIET = frozenset({"MessageIgnored"})
+# A forEach step's items go in history one line each, but a Kubernetes Event each
+# would flood the namespace: only their failures become Events.
+QUIET = frozenset(
+    {
+        "MessageIgnored",
+        "ItemDispatched",
+        "ItemSucceeded",
+        "ItemCompensating",
+        "ItemCompensated",
+    }
+)
 # Kinds that mean something went wrong or needs a person (type Warning); the rest,
 # the saga's ordinary course (compensations going as designed, suspend, resume,
 # redrive), are Normal. A run that ended undone did not succeed: a Warning, as a
@@ -29,6 +39,13 @@ WARNINGS = frozenset(
     {
         "StepFailed",
         "StepRetrying",
+        "ItemFailed",
+        "ItemRetrying",
+        "ItemTimedOut",
+        "ItemCompensationRetrying",
+        "ItemCompensationFailed",
+        "SignalRefused",
+        "FinallyFailed",
         "StepTimedOut",
         "StepInDoubt",
         "StepCompensationRetrying",

@@ -4,7 +4,9 @@
   validator as local mode. A valid spec is stored as an immutable version (an
   unchanged spec reuses its version) and `Ready=True`; an invalid one sets
   `Ready=False` naming every bad field and leaves the last good version serving.
-  `status.observedGeneration` says which generation the verdict is about.
+  `status.observedGeneration` says which generation the verdict is about. A stored
+  spec also runs an admission pass for the workflow (a raised concurrency limit lets
+  waiting runs start); a pass over every workflow runs every few seconds besides.
 - Workflow deleted (finalizer): no version is current any more, so new Executions
   of it wait; running ones finish on the version they pinned.
 - Execution (created, or found at start-up): started in Postgres keyed by the
@@ -12,7 +14,9 @@
   moment is pinned. If the Workflow has no valid version yet, the status says so
   and the start is retried. From then on the status mirror owns the status. A new
   run starts suspended if `spec.suspend` says so, then takes `spec.skipCompensation`
-  and `spec.cancel` as requests; `spec.redrive` is the baseline.
+  and `spec.cancel` as requests; `spec.redrive` is the baseline. A `spec.correlationKey`
+  an unfinished run of the workflow holds is refused: `Ready=False` reason
+  `CorrelationKeyInUse` and a Warning Event, not retried until the spec changes.
 - Execution changed: changes of the control fields (`suspend`, `cancel`, `redrive`,
   `redriveToLatest`, `skipCompensation`) become control requests, once per change
   (`sagaflow.kube.control`); a new `ttlSecondsAfterFinished` applies; input and
@@ -21,6 +25,9 @@
   the `SpecAccepted` condition; a request the engine refuses is a Warning Event
   from the history. An object whose run never started (its spec was invalid) is
   started by the change.
+- Execution objects of child executions (`kube/children.py`, annotated with the
+  execution id) are not started: their run began with the parent's step; changes
+  and deletion act on that run.
 - Execution deleted (finalizer): the run is cancelled if it still goes forward
   (compensating per its workflow, without waiting for that), its name is released,
   its history stays in Postgres.
@@ -33,6 +40,7 @@ a second later.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
@@ -47,7 +55,7 @@ from sagaflow.core.ports import Clock, utc_now
 from sagaflow.core.state import ExecutionState
 from sagaflow.core.status import clip, condition, keep_transition_times
 from sagaflow.core.validation import Document, validate_documents
-from sagaflow.kube.api import EXECUTIONS, VERSION, WORKFLOWS
+from sagaflow.kube.api import EXECUTION_ID, EXECUTIONS, VERSION, WORKFLOWS, execution_id_of
 from sagaflow.kube.control import (
     REDRIVE_SEEN,
     Plan,
@@ -58,8 +66,10 @@ from sagaflow.kube.control import (
     redrive_seen,
     spec_condition,
 )
+from sagaflow.runtime import admission, starts
 from sagaflow.runtime.orchestrator import Orchestrator
 from sagaflow.runtime.outages import describe
+from sagaflow.runtime.starts import CorrelationKeyInUseError, StartRequest
 
 T = TypeVar("T")
 
@@ -120,6 +130,8 @@ async def reconcile_workflow(
     version, created = await ctx.orchestrator.apply_workflow(namespace, name, workflow.spec)
     if created:
         logger.info(f"stored as version {version}")
+    # A raised or removed concurrency limit lets waiting runs start now (and at start-up).
+    await admission.sweep(ctx.orchestrator, [(namespace, name)])
     message = f"version {version} serves new executions"
     patch.status["version"] = version
     patch.status["conditions"] = _conditions(
@@ -141,6 +153,8 @@ async def start_execution(
     were made at creation, and every change since by `change_execution`."""
     meta = body["metadata"]
     namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
+    if EXECUTION_ID in (meta.get("annotations") or {}):
+        return  # a child execution's object: the run started with its parent's step
     status = body.get("status") or {}
     spec = parse_spec(body.get("spec"))
     if isinstance(spec, list):
@@ -154,10 +168,25 @@ async def start_execution(
         return
     await _release_stale(ctx, namespace, name, uid)
     workflow = spec.workflow_ref.name
+    request = StartRequest(
+        namespace,
+        name,
+        workflow,
+        dict(spec.input),
+        suspend=spec.suspend,
+        correlation_key=spec.correlation_key,
+    )
     try:
-        state, created = await ctx.orchestrator.start(
-            namespace, name, workflow, dict(spec.input), execution_id=uid, suspend=spec.suspend
+        state, created = await starts.start(ctx.orchestrator, request, uid)
+    except CorrelationKeyInUseError as exc:
+        # Refused, not retried: a change of the spec (or a new object) starts it again.
+        logger.warning(f"not started: spec.correlationKey: {exc.reason}")
+        kopf.warn(body, reason="CorrelationKeyInUse", message=clip(exc.reason))
+        patch.status["phase"] = "Pending"
+        patch.status["conditions"] = _conditions(
+            ready_condition(ctx, "False", "CorrelationKeyInUse", exc.reason), status
         )
+        return
     except LookupError:
         message = f"workflow {namespace}/{workflow} has no valid version yet"
         if retry == 0:  # one Event, not one per retry
@@ -186,7 +215,7 @@ async def change_execution(
     """A spec change: control requests, a new TTL, Warnings for what cannot be."""
     meta = body["metadata"]
     async with ctx.pool.acquire() as conn:
-        state = await ctx.orchestrator.store.get_execution_by_id(conn, meta["uid"])
+        state = await ctx.orchestrator.store.get_execution_by_id(conn, execution_id_of(meta))
     if state is None:  # never started: its spec was invalid, the new one may not be
         await start_execution(ctx, body, patch, logger, retry, creating=True)
         return
@@ -271,6 +300,21 @@ def build_registry(ctx: HandlerContext) -> kopf.OperatorRegistry:
         # In a pod the service account; elsewhere $KUBECONFIG or ~/.kube/config.
         return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
 
+    sweeps: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
+
+    @kopf.on.startup(registry=registry)
+    async def start_admission_passes(**_: Any) -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(admission.sweep_every(ctx.orchestrator, stop))
+        sweeps.append((stop, task))
+
+    @kopf.on.cleanup(registry=registry)
+    async def stop_admission_passes(**_: Any) -> None:
+        while sweeps:
+            stop, task = sweeps.pop()
+            stop.set()
+            await asyncio.gather(task, return_exceptions=True)
+
     @kopf.on.resume(API_GROUP, VERSION, WORKFLOWS, registry=registry)
     @kopf.on.create(API_GROUP, VERSION, WORKFLOWS, registry=registry)
     @kopf.on.update(API_GROUP, VERSION, WORKFLOWS, registry=registry, field="spec")
@@ -312,7 +356,7 @@ def build_registry(ctx: HandlerContext) -> kopf.OperatorRegistry:
         meta = body["metadata"]
         why = "Execution object deleted"
         await _unless_down(
-            ctx, stop_execution(ctx, meta["namespace"], meta["name"], meta["uid"], why)
+            ctx, stop_execution(ctx, meta["namespace"], meta["name"], execution_id_of(meta), why)
         )
         logger.info("cancelled if running; name released, history kept")
 

@@ -16,6 +16,9 @@ kopf, woken by the store's notification on every committed transition:
 - Only after both succeeded does the mirror row advance; a failure is retried on
   the next pass.
 
+Child executions of object-backed parents get objects of their own
+(`kube/children.py`), created on the same pass, then mirrored like the others.
+
 The TTL collector deletes objects whose execution finished more than their
 `ttlSecondsAfterFinished` ago; the delete handler then releases the name.
 """
@@ -36,7 +39,8 @@ from sagaflow.adapters.postgres.notify import Notifications
 from sagaflow.adapters.postgres.store import EXECUTIONS_CHANNEL
 from sagaflow.core.ports import Clock, utc_now
 from sagaflow.core.status import bounded_status, execution_status, keep_transition_times
-from sagaflow.kube.api import EXECUTIONS, ConflictError, KubeApi
+from sagaflow.kube.api import EXECUTIONS, ConflictError, KubeApi, execution_id_of
+from sagaflow.kube.children import materialize_once
 from sagaflow.kube.events import event_for
 from sagaflow.runtime.outages import OutageWatch
 
@@ -177,7 +181,7 @@ class StatusMirror:
     async def _write_status(self, item: Pending) -> bool:
         for _ in range(_WRITE_TRIES):
             obj = await self.api.get(EXECUTIONS, item.namespace, item.name)
-            if obj is None or obj.get("metadata", {}).get("uid") != item.execution_id:
+            if obj is None or execution_id_of(obj.get("metadata") or {}) != item.execution_id:
                 # Gone, or the name now belongs to a newer object: nothing to write
                 # (the delete handler releases this execution).
                 return True
@@ -210,6 +214,7 @@ class StatusMirror:
                 try:
                     while await self.mirror_once() == self.batch_size:
                         pass
+                    await materialize_once(self.pool, self.api, self.batch_size)
                     await self.collect_once()
                 except asyncio.CancelledError:
                     raise

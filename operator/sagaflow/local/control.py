@@ -1,4 +1,4 @@
-"""`sagaflow suspend|resume|cancel|redrive|skip-compensation NAME`: control a stored run.
+"""`sagaflow suspend|resume|cancel|redrive|skip-compensation NAME`, `sagaflow signal`.
 
 They act on the same state as `sagaflow run` (the embedded Postgres of `--state-dir`,
 or SAGAFLOW_DATABASE_URL) and may run beside it: the request commits with its effect
@@ -17,16 +17,20 @@ execution or step, a bad file).
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
 from sagaflow.core.facts import Cancel, Control, Redrive, Resume, SkipCompensation, Suspend
+from sagaflow.core.jsonsafe import unstorable
 from sagaflow.core.manifests import WorkflowSpec
+from sagaflow.core.messages import SignalMessage
 from sagaflow.core.validation import Document, parse_documents, validate_documents
 from sagaflow.runtime import control
 from sagaflow.runtime.orchestrator import Orchestrator
+from sagaflow.runtime.signals import describe_target, new_signal_id
 from sagaflow.settings import Settings
 from sagaflow.wiring.orchestrators import open_orchestrator
 from sagaflow.wiring.problems import InvalidInputError
@@ -104,6 +108,75 @@ async def _apply(o: Orchestrator, namespace: str, name: str, fact: Control) -> c
     if outcome is None:
         raise InvalidInputError([f"no execution {namespace}/{name} in this state"])
     return outcome
+
+
+async def run_signal(
+    target: Sequence[str],
+    namespace: str,
+    state_dir: Path,
+    settings: Settings,
+    *,
+    data: str | None,
+    signal_id: str | None,
+    correlation_key: str | None,
+    workflow: str | None,
+    out: TextIO = sys.stdout,
+    err: TextIO = sys.stderr,
+) -> int:
+    """`sagaflow signal NAME SIGNAL --data JSON [--id ID]`, or with `--correlation-key
+    KEY --workflow WF` instead of NAME. Exit codes as for the control verbs."""
+    try:
+        signal = _signal_of(target, namespace, data, signal_id, correlation_key, workflow)
+        if not settings.database_url and not (state_dir / "postgres").exists():
+            raise InvalidInputError([f"--state-dir {state_dir}: no state here (nothing has run)"])
+        async with open_orchestrator(settings, state_dir, pool_size=2) as wired:
+            outcome = await wired.orchestrator.signal(signal, signal.id or new_signal_id())
+    except InvalidInputError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=err)
+        return EXIT_INVALID
+    where = describe_target(signal)
+    if outcome.result == "unknown":
+        print(f"error: {outcome.message}", file=err)
+        return EXIT_INVALID
+    if outcome.result == "refused":
+        print(f"error: {where}: {outcome.message}", file=err)
+        return EXIT_REFUSED
+    phase = f"; the execution is {outcome.state.phase.value}" if outcome.state else ""
+    what = "nothing to do: " if outcome.result == "noop" else ""
+    print(f"signal {where}: {what}{outcome.message}{phase}", file=out)
+    return EXIT_OK
+
+
+def _signal_of(
+    target: Sequence[str],
+    namespace: str,
+    data: str | None,
+    signal_id: str | None,
+    correlation_key: str | None,
+    workflow: str | None,
+) -> SignalMessage:
+    if (correlation_key is None) != (workflow is None):
+        raise InvalidInputError(["--correlation-key and --workflow go together"])
+    wanted = 1 if correlation_key is not None else 2
+    if len(target) != wanted:
+        usage = "SIGNAL with --correlation-key" if wanted == 1 else "NAME SIGNAL"
+        raise InvalidInputError([f"expected {usage}, got {' '.join(target) or 'nothing'}"])
+    try:
+        value = None if data is None else json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise InvalidInputError([f"--data: not JSON: {exc}"]) from exc
+    if (problem := unstorable(value, "--data")) is not None:
+        raise InvalidInputError([problem])
+    return SignalMessage(
+        namespace=namespace,
+        signal=target[-1],
+        data=value,
+        id=signal_id,
+        execution=target[0] if wanted == 2 else None,
+        workflow=workflow,
+        correlation_key=correlation_key,
+    )
 
 
 def _workflows(files: Sequence[Path]) -> list[tuple[str, str, WorkflowSpec]]:

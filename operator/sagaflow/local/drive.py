@@ -30,6 +30,7 @@ from sagaflow.core.facts import Cancel, Control, SkipCompensation
 from sagaflow.core.ports import Bus
 from sagaflow.core.state import ExecutionState
 from sagaflow.local.output import SHOWN_RUNNING, SMALL_RUN, Progress, Snapshot
+from sagaflow.runtime import admission
 from sagaflow.runtime.claimcheck import ClaimCheck
 from sagaflow.runtime.orchestrator import Orchestrator, StartRequest
 from sagaflow.runtime.worker import RunnerWorker
@@ -128,6 +129,9 @@ async def drive(
         )
     )
     tasks.append(starter)
+    # Start-up and periodic admission pass (concurrency limits; finishes admit at once).
+    sweeps_stop = asyncio.Event()
+    sweeper = asyncio.create_task(admission.sweep_every(orchestrator, sweeps_stop))
     notes = Notifications(dsn, (EXECUTIONS_CHANNEL,))
     await notes.start()
     progress = Progress(err)
@@ -138,6 +142,8 @@ async def drive(
         await notes.close()
         await view.close()
         starter.cancel()
+        sweeps_stop.set()
+        await asyncio.gather(sweeper, return_exceptions=True)
         await _stop(worker, worker_stop, tasks, interrupts)
         loops_stop.set()
         await asyncio.gather(loops, return_exceptions=True)

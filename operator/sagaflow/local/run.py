@@ -14,8 +14,10 @@ control command (`sagaflow suspend|resume|cancel|redrive|skip-compensation`,
 a resume or a redrive carries the executions on.
 
 Exit codes: 0 every execution Completed, 1 some did not, 2 invalid input (nothing
-was started), 130 / 143 stopped by SIGINT / SIGTERM (the listing shows where each
-execution stands; running again resumes them).
+was started; a `spec.correlationKey` held by another unfinished execution of its
+workflow, or by an earlier Execution of the files, is such input), 130 / 143
+stopped by SIGINT / SIGTERM (the listing shows where each execution stands; running
+again resumes them).
 """
 
 from __future__ import annotations
@@ -33,10 +35,12 @@ from sagaflow.core.definition import BUILTIN_TYPES
 from sagaflow.core.manifests import ExecutionPhase, WorkflowSpec
 from sagaflow.core.messages import EVENTS_QUEUE, commands_queue
 from sagaflow.core.state import ExecutionState
+from sagaflow.core.validation import Document, ManifestError
 from sagaflow.local.drive import Interrupts, drive
 from sagaflow.local.inputs import InvalidInputError, load_manifests
 from sagaflow.local.output import write_listing
 from sagaflow.runtime.orchestrator import Orchestrator, StartRequest
+from sagaflow.runtime.starts import CorrelationKeyInUseError, correlation_conflicts
 from sagaflow.settings import Settings
 from sagaflow.wiring.database import GaveUpWaiting
 from sagaflow.wiring.orchestrators import open_orchestrator
@@ -83,6 +87,7 @@ async def run_local(
     interrupts = Interrupts(err, settings.grace_period_seconds)
     interrupts.install()
     counts: dict[str, int] = {}
+    origins: dict[tuple[str, str], Document] = {}
     try:
         registry = load_runners(runner_specs)
         manifests = load_manifests(
@@ -100,15 +105,25 @@ async def run_local(
                 suspend=e.spec.suspend,
                 cancel=e.spec.cancel,
                 skip_compensation=e.spec.skip_compensation,
+                correlation_key=e.spec.correlation_key,
             )
             for _, e in manifests.executions
         ]
+        # Where each keyed Execution came from, to name it if its key is refused.
+        origins |= {
+            (e.metadata.namespace, e.metadata.name): doc
+            for doc, e in manifests.executions
+            if e.spec.correlation_key is not None
+        }
         del manifests  # thousands of parsed documents: only what starting needs is kept
         with exclusive(state_dir):
             try:
                 async with open_orchestrator(settings, state_dir, give_up=interrupts.stop) as w:
                     for namespace, name, spec in workflows:
                         await w.orchestrator.apply_workflow(namespace, name, spec)
+                    refused = await correlation_conflicts(w.orchestrator, requests)
+                    if refused:
+                        raise InvalidInputError([_where(origins, c) for c in refused])
                     await w.bus.prepare(send=_command_queues(workflows), receive=[EVENTS_QUEUE])
                     ids = await drive(
                         w.orchestrator,
@@ -128,6 +143,9 @@ async def run_local(
         for problem in exc.problems:
             print(f"error: {problem}", file=err)
         return EXIT_INVALID
+    except CorrelationKeyInUseError as exc:  # taken by another process since the check
+        print(f"error: {_where(origins, exc)}", file=err)
+        return EXIT_INVALID
     finally:
         interrupts.uninstall()
     if interrupts.code is not None:
@@ -139,6 +157,14 @@ async def run_local(
         )
         return interrupts.code
     return EXIT_OK if counts.get("Completed", 0) == len(requests) else EXIT_NOT_COMPLETED
+
+
+def _where(origins: dict[tuple[str, str], Document], refused: CorrelationKeyInUseError) -> str:
+    """A refused correlation key as a manifest problem: file, document, field, reason."""
+    r = refused.request
+    doc = origins[(r.namespace, r.name)]
+    path = "spec.correlationKey"
+    return str(ManifestError(doc.source, doc.index, "Execution", r.name, path, refused.reason))
 
 
 def _command_queues(workflows: Sequence[tuple[str, str, WorkflowSpec]]) -> list[str]:

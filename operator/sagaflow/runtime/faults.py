@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("sagaflow.orchestrator")
 
 DEAD_LETTER_INBOX_SUFFIX = "#dead-letter"
+SIGNAL_REFUSED = "SignalRefused"  # the dead-letter reason of a refused Signal message
 
 
 async def isolate(o: Orchestrator, parsed: Sequence[tuple[ReceivedMessage, StepResult]]) -> None:
@@ -102,6 +103,17 @@ async def _handle(o: Orchestrator, received: ReceivedDeadLetter) -> None:
     letter = received.letter
     what = _what(letter.queue, letter.body, letter.message_id)
     told = f"{letter.reason}: {letter.description}" if letter.description else letter.reason
+    if what is None and letter.reason == SIGNAL_REFUSED:
+        # Refused signals fail nothing: the refusal is in the run's history when the run
+        # exists; the log keeps the message for whoever sent it.
+        log.warning(
+            "signal %s was refused (%s); its body began %.200r",
+            letter.message_id,
+            told,
+            letter.body,
+        )
+        await o.bus.complete([received.message])
+        return
     if what is None:
         # Settled as handled: the Postgres bus keeps the row, Service Bus removes the
         # message from the subqueue, so the log keeps what it held.

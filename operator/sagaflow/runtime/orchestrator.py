@@ -58,10 +58,11 @@ from sagaflow.core.messages import (
     EVENTS_QUEUE,
     ExecuteStep,
     MalformedMessageError,
+    SignalMessage,
     StepResult,
     attempt_id,
     commands_queue,
-    decode_result,
+    decode_event,
 )
 from sagaflow.core.ports import (
     Bus,
@@ -73,7 +74,7 @@ from sagaflow.core.ports import (
     utc_now,
 )
 from sagaflow.core.state import ExecutionState
-from sagaflow.runtime import control, faults, starts
+from sagaflow.runtime import admission, children, control, faults, signals, starts
 from sagaflow.runtime.claimcheck import ClaimCheck
 from sagaflow.runtime.loops import run_loops
 from sagaflow.runtime.outages import OutageWatch
@@ -107,6 +108,8 @@ def command_messages(state: ExecutionState, decision: Decision) -> list[Outgoing
     """
     messages = []
     for d in decision.dispatches:
+        if d.workflow is not None:
+            continue  # a child execution, started in the transaction (`children.py`)
         command = ExecuteStep(
             execution_id=state.execution_id,
             execution=state.key,
@@ -207,6 +210,10 @@ class Orchestrator:
             self, namespace, name, fact, request_id, execution_id=execution_id
         )
 
+    async def signal(self, signal: SignalMessage, signal_id: str) -> signals.SignalOutcome:
+        """Deliver a signal to the execution it names, once per id (`signals.py`)."""
+        return await signals.deliver(self, signal, signal_id)
+
     async def cancel(
         self, namespace: str, name: str, reason: str, *, execution_id: str | None = None
     ) -> ExecutionState | None:
@@ -229,16 +236,22 @@ class Orchestrator:
         if not received:
             return 0
         parsed: list[tuple[ReceivedMessage, StepResult]] = []
+        signalled: list[tuple[ReceivedMessage, SignalMessage]] = []
         for msg in received:
             try:
-                result = decode_result(msg.body)
+                event = decode_event(msg.body)
             except MalformedMessageError as exc:
                 log.warning("dead-lettering malformed event %s: %s", msg.message_id, exc)
                 await self.bus.dead_letter(msg, reason="MalformedMessage", description=str(exc))
                 continue
-            parsed.append((msg, result))
+            if isinstance(event, SignalMessage):
+                signalled.append((msg, event))
+            else:
+                parsed.append((msg, event))
+        for msg, event in signalled:  # rare next to results: each in a transaction of its own
+            await signals.consume(self, msg, event)
         if not parsed:
-            return 0
+            return len(signalled)
         try:
             await self.apply_batch(parsed)
         except MessageLockLostError:
@@ -351,12 +364,23 @@ class Orchestrator:
 
     async def _commit(self, tx: _Transaction, applied: Sequence[Applied], now: datetime) -> None:
         conn = tx.conn
+        # Runs of limited workflows that finish free slots: the oldest waiting runs start
+        # in this transaction, their decisions carried out with the others (`admission.py`).
+        applied = [*applied, *await admission.admit_freed_slots(self, tx, applied, now)]
+        # Child executions these decisions start or control, and theirs, in this
+        # transaction; a child's end goes to its parent as an event (`children.py`).
+        applied, events = list(applied), []
+        more = applied
+        while more:
+            more, sent = await children.carry_out(self, conn, more, now)
+            applied += more
+            events += sent
         await self.store.save(conn, applied, now)
         tx.states.extend(a.decision.state for a in applied if a.decision.applied)
         decisions = [a.decision for a in applied if a.decision.applied]
         if self.claim_check is not None:
             decisions = [await self._offload_inputs(d) for d in decisions]
-        commands = [m for d in decisions for m in command_messages(d.state, d)]
+        commands = [m for d in decisions for m in command_messages(d.state, d)] + events
         if not commands:
             return
         if self.transactional:

@@ -4,18 +4,28 @@ A start inserts the execution row and applies `Start` in the same transaction, s
 an execution never exists without its first dispatches. Starts are idempotent: by
 the custom resource's uid in a cluster, by (namespace, name) elsewhere; a repeat
 returns the execution that exists.
+
+Two rules between executions apply here (the schema is `0006_coordination.sql`):
+- `spec.concurrency.maxExecutions`: a start of a limited workflow takes its admission
+  lock, and the new execution starts only if a slot is free and nobody waits before
+  it; otherwise it is stored Pending, waiting (`admission.py`);
+- `spec.correlationKey`: at most one unfinished execution of a workflow per namespace
+  holds a key; a start with a key already held is refused (`CorrelationKeyInUseError`,
+  naming the key and the holder), and a repeat of the holder's own start is not one.
+  A unique index decides races between replicas.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from sagaflow.adapters.postgres import admission_sql
 from sagaflow.adapters.postgres.store import Applied, new_execution_id
-from sagaflow.core.engine import decide
-from sagaflow.core.facts import Start
+from sagaflow.core.definition import Definition
 from sagaflow.core.state import ExecutionState, new_execution
+from sagaflow.runtime.admission import Gate
 
 if TYPE_CHECKING:
     from sagaflow.runtime.orchestrator import Orchestrator
@@ -23,6 +33,25 @@ if TYPE_CHECKING:
 
 class NameInUseError(Exception):
     """Another live execution holds the name a new one was to start under."""
+
+
+class CorrelationKeyInUseError(Exception):
+    """An unfinished execution of the workflow holds the `spec.correlationKey` of a start.
+
+    `reason` says it without naming the refused execution (callers prefix where it came
+    from: a file and document, an object); `str()` names it too.
+    """
+
+    def __init__(self, request: StartRequest, holder: str, holder_phase: str | None) -> None:
+        self.request, self.holder, self.holder_phase = request, holder, holder_phase
+        held = f"execution {holder} ({holder_phase})" if holder_phase else f"execution {holder}"
+        self.reason = (
+            f"correlation key {request.correlation_key!r} is held by {held} of workflow "
+            f"{request.workflow}, which has not finished; the key may be used again once "
+            "it has"
+        )
+        where = f"execution {request.namespace}/{request.name}"
+        super().__init__(f"{where}: spec.correlationKey: {self.reason}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +64,7 @@ class StartRequest:
     # Asked for in the manifest, applied once the run exists (spec.cancel, spec.skipCompensation).
     cancel: bool = False
     skip_compensation: tuple[str, ...] = ()
+    correlation_key: str | None = None  # spec.correlationKey
 
 
 async def start(
@@ -43,7 +73,8 @@ async def start(
     """Start an execution once; a repeated start returns the existing one unchanged.
 
     Keyed by `execution_id` when given (a custom resource's uid), else by the
-    name. NameInUseError when another live execution holds the name.
+    name. NameInUseError when another live execution holds the name,
+    CorrelationKeyInUseError when another unfinished one holds the correlation key.
     """
     namespace, name, workflow = request.namespace, request.name, request.workflow
     now = o.clock()
@@ -56,34 +87,33 @@ async def start(
         if version is None:
             raise LookupError(f"workflow {namespace}/{workflow} does not exist")
         definition = await o.store.definition(conn, namespace, workflow, version)
-        state = new_execution(
-            execution_id=execution_id or new_execution_id(),
-            namespace=namespace,
-            name=name,
-            workflow=workflow,
-            version=version,
-            input=request.input,
-            step_names=definition.step_names,
-        )
+        gate = Gate(o, conn, now)
+        await gate.lock(_limits([(request, definition)]))
+        await _refuse_held_keys(conn, [request])
+        state = _new_state(request, definition, execution_id)
         if not await o.store.insert_execution(conn, state, now):
             found = await _find(o, conn, namespace, name, execution_id)
             if found is None:
+                await _refuse_held_keys(conn, [request])  # lost a race for the key
                 raise NameInUseError(f"execution {namespace}/{name} is held by another run")
             return found, False
-        decision = decide(state, definition, Start(request.suspend), now)
-        await o._commit(tx, [Applied(state.execution_id, decision)], now)
+        admitted = await gate.admit_waiting(o.batch_size)
+        decision = gate.place(state, definition, request.suspend)
+        await gate.enqueue()
+        await o._commit(tx, [*admitted, Applied(state.execution_id, decision)], now)
     return decision.state, True
 
 
 async def start_many(o: Orchestrator, requests: Sequence[StartRequest]) -> list[ExecutionState]:
     """Start many executions by name in one transaction (idempotent like `start`):
-    the state of each, started now or found. LookupError for an unknown workflow."""
+    the state of each, started now or found. LookupError for an unknown workflow,
+    CorrelationKeyInUseError (nothing started) for a correlation key already held."""
     now = o.clock()
     async with o._transaction() as tx:
         conn = tx.conn
         found = await o.store.live_executions(conn, [(r.namespace, r.name) for r in requests])
-        new: list[tuple[ExecutionState, Any, bool]] = []
-        definitions: dict[tuple[str, str], Any] = {}
+        new: list[tuple[ExecutionState, Definition, StartRequest]] = []
+        definitions: dict[tuple[str, str], Definition] = {}
         for r in requests:
             if (r.namespace, r.name) in found:
                 continue
@@ -94,28 +124,96 @@ async def start_many(o: Orchestrator, requests: Sequence[StartRequest]) -> list[
                     raise LookupError(f"workflow {r.namespace}/{r.workflow} does not exist")
                 definition = await o.store.definition(conn, r.namespace, r.workflow, version)
                 definitions[(r.namespace, r.workflow)] = definition
-            state = new_execution(
-                execution_id=new_execution_id(),
-                namespace=r.namespace,
-                name=r.name,
-                workflow=r.workflow,
-                version=definition.version,
-                input=r.input,
-                step_names=definition.step_names,
-            )
-            new.append((state, definition, r.suspend))
+            new.append((_new_state(r, definition, None), definition, r))
+        gate = Gate(o, conn, now)
+        await gate.lock(_limits((r, d) for _, d, r in new))
+        await _refuse_held_keys(conn, [r for _, _, r in new])
         inserted = await o.store.insert_executions(conn, [s for s, _, _ in new], now)
+        await _refuse_held_keys(conn, [r for s, _, r in new if s.execution_id not in inserted])
+        admitted = await gate.admit_waiting(o.batch_size)
         decisions = [
-            decide(state, definition, Start(suspend), now)
-            for state, definition, suspend in new
+            gate.place(state, definition, r.suspend)
+            for state, definition, r in new
             if state.execution_id in inserted
         ]
-        await o._commit(tx, [Applied(d.state.execution_id, d) for d in decisions], now)
+        await gate.enqueue()
+        applied = [Applied(d.state.execution_id, d) for d in decisions]
+        await o._commit(tx, [*admitted, *applied], now)
     started = {(d.state.namespace, d.state.name): d.state for d in decisions}
     if len(started) + len(found) < len(requests):
         async with o.pool.acquire() as conn:  # lost a race for a name: read the winner
             found |= await o.store.live_executions(conn, [(r.namespace, r.name) for r in requests])
     return [started.get((r.namespace, r.name)) or found[(r.namespace, r.name)] for r in requests]
+
+
+async def correlation_conflicts(
+    o: Orchestrator, requests: Sequence[StartRequest]
+) -> list[CorrelationKeyInUseError]:
+    """Every request that would be refused for its correlation key, before starting any:
+    held by an unfinished execution other than itself, or by an earlier request."""
+    keyed = [r for r in requests if r.correlation_key is not None]
+    async with o.pool.acquire() as conn:
+        holders = await admission_sql.key_holders(conn, [_key(r) for r in keyed])
+    return _conflicts(keyed, holders)
+
+
+def _conflicts(
+    requests: Sequence[StartRequest], holders: dict[tuple[str, str, str], ExecutionState]
+) -> list[CorrelationKeyInUseError]:
+    conflicts: list[CorrelationKeyInUseError] = []
+    first: dict[tuple[str, str, str], StartRequest] = {}
+    for r in requests:
+        key = _key(r)
+        holder = holders.get(key)
+        if holder is not None and (holder.namespace, holder.name) != (r.namespace, r.name):
+            held_by = f"{holder.namespace}/{holder.name}"
+            conflicts.append(CorrelationKeyInUseError(r, held_by, holder.phase.value))
+        elif key in first and holder is None:
+            earlier = first[key]
+            conflicts.append(
+                CorrelationKeyInUseError(r, f"{earlier.namespace}/{earlier.name}", "starting")
+            )
+        first.setdefault(key, r)
+    return conflicts
+
+
+async def _refuse_held_keys(conn: Any, requests: Sequence[StartRequest]) -> None:
+    keyed = [r for r in requests if r.correlation_key is not None]
+    if not keyed:
+        return
+    conflicts = _conflicts(keyed, await admission_sql.key_holders(conn, [_key(r) for r in keyed]))
+    if conflicts:
+        raise conflicts[0]
+
+
+def _key(request: StartRequest) -> tuple[str, str, str]:
+    return (request.namespace, request.workflow, request.correlation_key or "")
+
+
+def _limits(
+    items: Iterable[tuple[StartRequest, Definition]],
+) -> dict[tuple[str, str], int | None]:
+    """The limited workflows among these starts, with their limits."""
+    return {
+        (r.namespace, r.workflow): d.max_executions
+        for r, d in items
+        if d.max_executions is not None
+    }
+
+
+def _new_state(
+    request: StartRequest, definition: Definition, execution_id: str | None
+) -> ExecutionState:
+    state = new_execution(
+        execution_id=execution_id or new_execution_id(),
+        namespace=request.namespace,
+        name=request.name,
+        workflow=request.workflow,
+        version=definition.version,
+        input=request.input,
+        step_names=definition.step_names,
+    )
+    return replace(state, correlation_key=request.correlation_key)
 
 
 async def _find(

@@ -14,6 +14,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 
@@ -175,3 +176,45 @@ async def workflow_ttl(
         version,
     )
     return None if value is None else int(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Child:
+    """A child execution whose parent has an object, but which has none yet."""
+
+    execution_id: str
+    namespace: str
+    name: str
+    workflow: str
+    input: dict[str, Any]
+    parent_name: str
+
+
+async def unmaterialized_children(conn: asyncpg.Connection, limit: int) -> list[Child]:
+    """Children of object-backed, unreleased parents that have no object yet."""
+    rows = await conn.fetch(
+        "SELECT c.execution_id, e.namespace, e.name, e.workflow, e.state->'input' AS input, "
+        "p.name AS parent_name FROM sagaflow_children c "
+        "JOIN sagaflow_executions e USING (execution_id) "
+        "JOIN sagaflow_kube_executions p ON p.execution_id = c.parent_id "
+        "AND p.released_at IS NULL "
+        "WHERE NOT c.materialized ORDER BY c.created_at LIMIT $1",
+        limit,
+    )
+    return [
+        Child(
+            r["execution_id"],
+            r["namespace"],
+            r["name"],
+            r["workflow"],
+            json.loads(r["input"]),
+            r["parent_name"],
+        )
+        for r in rows
+    ]
+
+
+async def materialized(conn: asyncpg.Connection, execution_id: str) -> None:
+    await conn.execute(
+        "UPDATE sagaflow_children SET materialized = true WHERE execution_id = $1", execution_id
+    )

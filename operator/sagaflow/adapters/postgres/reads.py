@@ -27,9 +27,11 @@ from sagaflow.core.messages import COMMANDS_QUEUE_PREFIX, commands_queue, parse_
 from sagaflow.core.state import ExecutionState
 
 # At rest: nothing happens until someone acts (`ExecutionState.at_rest`). A suspended
-# execution is at rest once no step or compensation of it is in flight.
+# execution is at rest once no step or compensation of it is in flight; a finished one
+# once its `finally` steps are done.
 _AT_REST = (
-    "(e.phase = ANY($1::text[]) OR (e.phase = 'Suspended' "
+    "((e.phase = ANY($1::text[]) AND coalesce(e.state->>'finalizing', '') <> 'running') "
+    "OR (e.phase = 'Suspended' "
     """AND NOT e.state->'steps' @> '[{"phase": "Running"}]' """
     """AND NOT e.state->'steps' @> '[{"undo": {"status": "running"}}]'))"""
 )

@@ -20,13 +20,14 @@ from typing import Any
 
 import asyncpg
 
-from sagaflow.adapters.postgres import batch_writes
+from sagaflow.adapters.postgres import admission_sql, batch_writes
 from sagaflow.adapters.postgres.batch_writes import TIMERS_CHANNEL as TIMERS_CHANNEL
 from sagaflow.core.definition import Definition, compile_definition
+from sagaflow.core.effects import split_item_key
 from sagaflow.core.engine import Decision, Timer
 from sagaflow.core.manifests import WorkflowSpec
 from sagaflow.core.ports import OutgoingMessage
-from sagaflow.core.state import ExecutionState
+from sagaflow.core.state import ExecutionState, Failure
 
 EXECUTIONS_CHANNEL = "sagaflow_executions"
 OUTBOX_CHANNEL = "sagaflow_outbox"
@@ -42,6 +43,15 @@ _ATTEMPT_STATUS = {
     "StepCompensated": ("Succeeded", True),
     "StepCompensationFailed": ("Failed", True),
     "StepCompensationRetrying": ("Failed", True),
+    # forEach items, under their item keys (`<step>[<index>]`):
+    "ItemDispatched": ("Running", False),
+    "ItemSucceeded": ("Succeeded", False),
+    "ItemFailed": ("Failed", False),
+    "ItemRetrying": ("Failed", False),
+    "ItemCompensating": ("Running", True),
+    "ItemCompensated": ("Succeeded", True),
+    "ItemCompensationFailed": ("Failed", True),
+    "ItemCompensationRetrying": ("Failed", True),
 }
 
 
@@ -186,15 +196,16 @@ class PostgresStore:
         self, conn: asyncpg.Connection, states: Sequence[ExecutionState], now: datetime
     ) -> set[str]:
         """Insert new execution rows in one statement; the ids actually inserted (a row
-        whose id or live name exists already is skipped)."""
+        whose id or live name exists already, or whose correlation key an unfinished
+        execution of its workflow holds, is skipped)."""
         if not states:
             return set()
         rows = await conn.fetch(
             "INSERT INTO sagaflow_executions (execution_id, namespace, name, workflow, "
-            "workflow_version, phase, revision, state, created_at, updated_at) "
-            "SELECT i, ns, n, w, v, p, r, s::jsonb, $9, $9 FROM unnest($1::text[], "
-            "$2::text[], $3::text[], $4::text[], $5::int[], $6::text[], $7::bigint[], "
-            "$8::text[]) AS t(i, ns, n, w, v, p, r, s) "
+            "workflow_version, phase, revision, state, correlation_key, created_at, "
+            "updated_at) SELECT i, ns, n, w, v, p, r, s::jsonb, c, $10, $10 FROM "
+            "unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::text[], "
+            "$7::bigint[], $8::text[], $9::text[]) AS t(i, ns, n, w, v, p, r, s, c) "
             "ON CONFLICT DO NOTHING RETURNING execution_id",
             [s.execution_id for s in states],
             [s.namespace for s in states],
@@ -204,6 +215,7 @@ class PostgresStore:
             [s.phase.value for s in states],
             [s.revision for s in states],
             [json.dumps(s.to_json()) for s in states],
+            [s.correlation_key for s in states],
             now,
         )
         return {r["execution_id"] for r in rows}
@@ -271,6 +283,13 @@ class PostgresStore:
             name,
         )
         return None if raw is None else ExecutionState.from_json(json.loads(raw))
+
+    async def execution_by_correlation_key(
+        self, conn: asyncpg.Connection, namespace: str, workflow: str, key: str
+    ) -> ExecutionState | None:
+        """The unfinished execution of the workflow holding `spec.correlationKey` `key`."""
+        found = await admission_sql.key_holders(conn, [(namespace, workflow, key)])
+        return found.get((namespace, workflow, key))
 
     async def get_execution_by_id(
         self, conn: asyncpg.Connection, execution_id: str
@@ -424,6 +443,8 @@ class PostgresStore:
                 )
                 self._attempt_row(attempts, eid, d.state, r.kind, r.step, r.attempt, now)
         await batch_writes.write_states(conn, finals, now)
+        done = [i for i, s in finals.items() if s.correlation_key and s.phase.is_terminal]
+        await admission_sql.release_keys(conn, done)  # a finished run frees its key
         await batch_writes.write_history(conn, history, now)
         await batch_writes.write_attempts(conn, attempts)
         await batch_writes.write_timers(conn, timers)
@@ -449,12 +470,21 @@ class PostgresStore:
         row = rows.setdefault(key, [eid, step, undo, attempt, status, now, None, None, None])
         row[4] = status
         if status != "Running":
-            settled = state.steps[step]
-            error = settled.undo.error if undo and settled.undo else settled.error
+            error = _attempt_error(state, step, undo)
             failed = error is not None and status == "Failed"
             row[6] = now
             row[7] = error.type if failed and error else None
             row[8] = error.message if failed and error else None
+
+
+def _attempt_error(state: ExecutionState, step: str, undo: bool) -> Failure | None:
+    """The error an attempt of `step` (a step name or an item key) settled with."""
+    name, index = split_item_key(step)
+    settled = state.steps[name]
+    if index is not None and settled.items is not None:
+        item = settled.items.entries[index]
+        return item.undo_error if undo else item.error
+    return settled.undo.error if undo and settled.undo else settled.error
 
 
 def new_execution_id() -> str:
