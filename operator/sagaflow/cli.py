@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from sagaflow.core.durations import parse_duration
 from sagaflow.core.ports import BusSetupError
 from sagaflow.settings import Settings, SettingsError, load_settings
 
@@ -113,9 +114,20 @@ _CONTROL_HELP = {
 }
 
 
+def _seconds(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def _signal_parser(sub: Any) -> None:
     text = "send a signal to a run that waits for it (sagaflow.waitForSignal), or will"
-    parser = sub.add_parser("signal", help=text, description=text)
+    usage = (
+        "sagaflow signal NAME SIGNAL [--data JSON] [--id ID] [-n NS] [--wait DURATION]\n"
+        "       sagaflow signal --correlation-key KEY --workflow WF SIGNAL [--data JSON] ..."
+    )
+    parser = sub.add_parser("signal", help=text, description=text, usage=usage)
     parser.add_argument(
         "target",
         nargs="+",
@@ -126,6 +138,13 @@ def _signal_parser(sub: Any) -> None:
     parser.add_argument("--id", dest="signal_id", help="once-only id (default: a new one)")
     parser.add_argument("--correlation-key", help="find the run by its spec.correlationKey")
     parser.add_argument("--workflow", help="with --correlation-key: the run's workflow")
+    parser.add_argument(
+        "--wait",
+        type=_seconds,
+        default=0.0,
+        metavar="DURATION",
+        help="wait this long (e.g. 30s) for a run that does not exist yet",
+    )
     parser.add_argument("-n", "--namespace", default="default")
     parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
 
@@ -223,6 +242,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
                 signal_id=args.signal_id,
                 correlation_key=args.correlation_key,
                 workflow=args.workflow,
+                wait=args.wait,
             )
         )
     if args.command == "prune":

@@ -17,8 +17,10 @@ execution or step, a bad file).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
@@ -36,6 +38,7 @@ from sagaflow.wiring.orchestrators import open_orchestrator
 from sagaflow.wiring.problems import InvalidInputError
 
 EXIT_OK, EXIT_REFUSED, EXIT_INVALID = 0, 1, 2
+_POLL = 0.25  # seconds between looks for a run `sagaflow signal --wait` waits for
 VERBS = ("suspend", "resume", "cancel", "redrive", "skip-compensation")
 
 
@@ -120,17 +123,29 @@ async def run_signal(
     signal_id: str | None,
     correlation_key: str | None,
     workflow: str | None,
+    wait: float = 0.0,
     out: TextIO = sys.stdout,
     err: TextIO = sys.stderr,
 ) -> int:
     """`sagaflow signal NAME SIGNAL --data JSON [--id ID]`, or with `--correlation-key
-    KEY --workflow WF` instead of NAME. Exit codes as for the control verbs."""
+    KEY --workflow WF` instead of NAME. Exit codes as for the control verbs.
+
+    `wait` (seconds): until then, a run that does not exist yet is waited for (a run
+    started in the background a moment ago); the signal keeps one id throughout."""
+    deadline = time.monotonic() + wait
     try:
         signal = _signal_of(target, namespace, data, signal_id, correlation_key, workflow)
-        if not settings.database_url and not (state_dir / "postgres").exists():
-            raise InvalidInputError([f"--state-dir {state_dir}: no state here (nothing has run)"])
+        the_id = signal.id or new_signal_id()
+        while not settings.database_url and not (state_dir / "postgres").exists():
+            if time.monotonic() >= deadline:
+                reason = f"--state-dir {state_dir}: no state here (nothing has run)"
+                raise InvalidInputError([reason])
+            await asyncio.sleep(_POLL)
         async with open_orchestrator(settings, state_dir, pool_size=2) as wired:
-            outcome = await wired.orchestrator.signal(signal, signal.id or new_signal_id())
+            outcome = await wired.orchestrator.signal(signal, the_id)
+            while outcome.result == "unknown" and time.monotonic() < deadline:
+                await asyncio.sleep(_POLL)
+                outcome = await wired.orchestrator.signal(signal, the_id)
     except InvalidInputError as exc:
         for problem in exc.problems:
             print(f"error: {problem}", file=err)
