@@ -85,21 +85,75 @@ def fill(out: Effects, spec: StepDef) -> None:
     step = out.step(spec.name)
     items = step.items
     assert items is not None
-    while out.state.phase is RUNNING and step.phase is StepPhase.RUNNING:
-        if _failed_too_often(spec, items):
-            break
-        if spec.max_parallel and items.count(*_ACTIVE) >= spec.max_parallel:
-            break
-        index = _next_pending(items)
-        if index is None:
-            break
-        items = replace(items, cursor=index + 1)
-        out.set_step(replace(step, items=items))
-        _dispatch(out, spec, index)
+    ready = (
+        out.state.phase is RUNNING
+        and step.phase is StepPhase.RUNNING
+        and not _failed_too_often(spec, items)
+        and items.count(StepPhase.PENDING) > 0
+    )
+    if ready:
+        active = items.count(*_ACTIVE)
+        free = spec.max_parallel - active if spec.max_parallel else len(items)
+        if free > 0 and spec.type in (PASS, FAIL):
+            _fill_one_by_one(out, spec)
+        elif free > 0:
+            _dispatch_many(out, spec, free)
+    settle(out, spec)
+
+
+def _fill_one_by_one(out: Effects, spec: StepDef) -> None:
+    """Built-in item types settle as they are dispatched, so each may free a slot."""
+    while True:
         step = out.step(spec.name)
         items = step.items
         assert items is not None
-    settle(out, spec)
+        if out.state.phase is not RUNNING or step.phase is not StepPhase.RUNNING:
+            return
+        if _failed_too_often(spec, items):
+            return
+        if spec.max_parallel and items.count(*_ACTIVE) >= spec.max_parallel:
+            return
+        index = _next_pending(items)
+        if index is None:
+            return
+        out.set_step(replace(step, items=replace(items, cursor=index + 1)))
+        _dispatch(out, spec, index)
+
+
+def _dispatch_many(out: Effects, spec: StepDef, free: int) -> None:
+    """Dispatch up to `free` pending items in order, with one copy of the items.
+
+    A burst (a forEach of 10,000 with no limit starts them all in one transaction)
+    must not copy the items once per item."""
+    step = out.step(spec.name)
+    items = step.items
+    assert items is not None
+    changed: dict[int, Item] = {}
+    index = items.cursor
+    while len(changed) < free and index < len(items):
+        item = items.entries[index]
+        index += 1
+        if item.phase is not StepPhase.PENDING:
+            continue
+        attempt = item.attempt + 1
+        key = item_key(spec.name, index - 1)
+        try:
+            rendered = render_input(out, spec, index - 1)
+        except ExpressionError as exc:
+            error = Failure("ExpressionError", str(exc))
+            changed[index - 1] = Item(StepPhase.FAILED, attempt, None, error)
+            message = f"item {key} failed on attempt {attempt}: {error.type}: {error.message}"
+            out.record("ItemFailed", message, key, attempt=attempt, error=error.type)
+            if items.count(StepPhase.FAILED) + _failed_in(changed) > spec.tolerated_failures:
+                break
+            continue
+        changed[index - 1] = Item(StepPhase.RUNNING, attempt)
+        _send(out, spec, key, attempt, rendered)
+    out.set_step(replace(step, items=items.put_many(changed, cursor=index)))
+
+
+def _failed_in(changed: dict[int, Item]) -> int:
+    return sum(1 for i in changed.values() if i.phase is StepPhase.FAILED)
 
 
 def _next_pending(items: Items) -> int | None:
@@ -133,6 +187,11 @@ def _dispatch(out: Effects, spec: StepDef, index: int) -> None:
         error = Failure(str(rendered.get("type", "Failed")), str(rendered.get("message", "")))
         _item_failed(out, spec, index, error, retryable=False)
         return
+    _send(out, spec, key, attempt, rendered)
+
+
+def _send(out: Effects, spec: StepDef, key: str, attempt: int, rendered: Any) -> None:
+    """The command of one item attempt, its timers and its line of history."""
     deadline = out.now + timedelta(seconds=spec.timeout) if spec.timeout is not None else None
     out.dispatches.append(
         Dispatch(key, attempt, spec.type, rendered, deadline, spec.heartbeat_timeout)
@@ -255,7 +314,7 @@ def _item_succeeded(out: Effects, spec: StepDef, index: int, output: Any) -> Non
     step = out.step(spec.name)
     assert step.items is not None
     item = step.items.entries[index]
-    done = replace(item, phase=StepPhase.SUCCEEDED, output=output, error=None)
+    done = Item(StepPhase.SUCCEEDED, item.attempt, output)  # the constructor: hot, and fast
     out.set_step(replace(step, items=step.items.put(index, done)))
     out.cancel_timers(*_attempt_timers(spec.name, index, item.attempt))
     key = item_key(spec.name, index)

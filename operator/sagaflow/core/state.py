@@ -124,8 +124,13 @@ class Item:
     undo_attempt: int = 0
     undo_error: Failure | None = None
     undo_retrying: bool = False  # its compensation waits for a retry timer
+    # The JSON form, built once: every save writes every item, and most are unchanged
+    # since the last (a changed item is a new object). Not copied by `replace`.
+    json_form: dict[str, Any] | None = field(default=None, init=False, compare=False, repr=False)
 
     def to_json(self) -> dict[str, Any]:
+        if self.json_form is not None:
+            return self.json_form
         out: dict[str, Any] = {"phase": self.phase.value}
         if self.attempt:
             out["attempt"] = self.attempt
@@ -141,6 +146,7 @@ class Item:
             out["undoError"] = self.undo_error.to_json()
         if self.undo_retrying:
             out["undoRetrying"] = True
+        object.__setattr__(self, "json_form", out)
         return out
 
     @classmethod
@@ -189,6 +195,16 @@ class Items:
         # Concatenation: measured faster than unpacking into a new tuple (29 vs 44 us).
         entries = self.entries[:index] + (item,) + self.entries[index + 1 :]  # noqa: RUF005
         return Items(self.values, entries, counts, self.cursor if cursor is None else cursor)
+
+    def put_many(self, changed: dict[int, Item], *, cursor: int) -> Items:
+        """Replace several items with one copy of the tuple (a burst of dispatches)."""
+        counts = dict(self.counts)
+        entries = list(self.entries)
+        for index, item in changed.items():
+            counts[entries[index].phase] -= 1
+            counts[item.phase] = counts.get(item.phase, 0) + 1
+            entries[index] = item
+        return Items(self.values, tuple(entries), counts, cursor)
 
     def to_json(self) -> dict[str, Any]:
         return {
