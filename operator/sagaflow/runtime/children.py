@@ -3,7 +3,9 @@
 In the parent's transaction, for each applied decision:
 - a child dispatch starts the child execution: its id derives from the parent's
   attempt id (uuid5), so the same attempt never starts two children; it runs on the
-  child Workflow's current version, named `<parent>-<step>-<attempt>`;
+  child Workflow's current version, named `<parent>-<step>-<attempt>`, and waits for
+  a slot under that workflow's concurrency limit like any other execution of it (a
+  workflow whose runs call it again under a limit of its own can wait on itself);
 - a child undo applies `Compensate` to the child; a child that is not Completed
   (it undid itself, or never finished) is answered at once;
 - a child control (Cancel, Suspend, Resume) is applied to the child.
@@ -27,13 +29,14 @@ from typing import TYPE_CHECKING, Any
 from sagaflow.adapters.postgres.store import Applied
 from sagaflow.core.children import CHILD_ATTEMPT
 from sagaflow.core.decisions import ChildControl, Decision, Dispatch
-from sagaflow.core.definition import CHILD
+from sagaflow.core.definition import CHILD, Definition
 from sagaflow.core.engine import decide
 from sagaflow.core.facts import Cancel, Compensate, Control, Resume, Start, Suspend
 from sagaflow.core.manifests import ExecutionPhase
 from sagaflow.core.messages import EVENTS_QUEUE, StepResult, attempt_id
 from sagaflow.core.ports import OutgoingMessage
 from sagaflow.core.state import ExecutionState, Parent, new_execution
+from sagaflow.runtime.admission import Gate
 
 if TYPE_CHECKING:
     import asyncpg
@@ -80,6 +83,7 @@ async def carry_out(
     """The children's decisions these decisions cause, and events for parents."""
     more: list[Applied] = []
     events: list[OutgoingMessage] = []
+    starts: list[tuple[ExecutionState, Dispatch]] = []
     for item in applied:
         decision = item.decision
         if not decision.applied:
@@ -91,34 +95,76 @@ async def carry_out(
             if d.compensation:
                 more += await _undo(o, conn, state, d, now, events)
             else:
-                more += await _start(o, conn, state, d, now, events)
+                starts.append((state, d))
         for c in decision.child_controls:
             more += await _control(o, conn, state, c, now)
         ended = _parent_event(state, decision)
         if ended is not None:
             events.append(ended)
+    if starts:
+        unsaved = {a.execution_id: a.decision.state for a in applied}
+        more += await _start(o, conn, starts, unsaved, now, events)
     return more, events
 
 
 async def _start(
     o: Orchestrator,
     conn: asyncpg.Connection,
-    parent: ExecutionState,
-    d: Dispatch,
+    starts: Sequence[tuple[ExecutionState, Dispatch]],
+    unsaved: dict[str, ExecutionState],
     now: datetime,
     events: list[OutgoingMessage],
 ) -> list[Applied]:
+    """Start the children of these dispatches; the ones whose workflow has a
+    concurrency limit wait for a slot like any execution of it (`admission.py`),
+    counted together, so two children started at once do not share one slot."""
+    new: list[tuple[ExecutionState, Definition]] = []
+    for parent, d in starts:
+        assert d.workflow is not None
+        version = await o.store.current_version(conn, parent.namespace, d.workflow)
+        if version is None:
+            # Retryable: under GitOps the child Workflow may land a moment after the parent.
+            message = f"workflow {parent.namespace}/{d.workflow} does not exist (yet)"
+            events.append(
+                _result(
+                    parent.execution_id,
+                    d.step,
+                    d.attempt,
+                    False,
+                    failed=message,
+                    kind="UnknownWorkflow",
+                )
+            )
+            continue
+        definition = await o.store.definition(conn, parent.namespace, d.workflow, version)
+        new.append((_child_state(parent, d, version, definition), definition))
+    gate = Gate(o, conn, now, unsaved)
+    limits = {
+        (s.namespace, s.workflow): d.max_executions for s, d in new if d.max_executions is not None
+    }
+    if limits:
+        await gate.lock(limits)  # before the rows are inserted, as every start does
+    inserted = await o.store.insert_executions(conn, [s for s, _ in new], now)
+    fresh = [(s, d) for s, d in new if s.execution_id in inserted]  # else: started before
+    await conn.executemany(
+        "INSERT INTO sagaflow_children (execution_id, parent_id, created_at) VALUES ($1, $2, $3)",
+        [(s.execution_id, s.parent.execution_id if s.parent else "", now) for s, _ in fresh],
+    )
+    out = await gate.admit_waiting(o.batch_size) if limits else []
+    for state, definition in fresh:
+        if definition.max_executions is None:
+            out.append(Applied(state.execution_id, decide(state, definition, Start(), now)))
+        else:
+            out.append(Applied(state.execution_id, gate.place(state, definition, False)))
+    if limits:
+        await gate.enqueue()
+    return out
+
+
+def _child_state(
+    parent: ExecutionState, d: Dispatch, version: int, definition: Definition
+) -> ExecutionState:
     assert d.workflow is not None
-    version = await o.store.current_version(conn, parent.namespace, d.workflow)
-    if version is None:
-        # Retryable: under GitOps the child Workflow may land a moment after the parent.
-        message = f"workflow {parent.namespace}/{d.workflow} does not exist (yet)"
-        failed = _result(
-            parent.execution_id, d.step, d.attempt, False, failed=message, kind="UnknownWorkflow"
-        )
-        events.append(failed)
-        return []
-    definition = await o.store.definition(conn, parent.namespace, d.workflow, version)
     depth = parent.parent.depth + 1 if parent.parent is not None else 1
     state = new_execution(
         execution_id=child_id(parent.execution_id, d.step, d.attempt),
@@ -130,16 +176,7 @@ async def _start(
         step_names=definition.step_names,
     )
     link = Parent(parent.execution_id, parent.namespace, parent.name, d.step, d.attempt, depth)
-    state = replace(state, parent=link)
-    if not await o.store.insert_execution(conn, state, now):
-        return []  # started before (a repeated transaction): it runs already
-    await conn.execute(
-        "INSERT INTO sagaflow_children (execution_id, parent_id, created_at) VALUES ($1, $2, $3)",
-        state.execution_id,
-        parent.execution_id,
-        now,
-    )
-    return [Applied(state.execution_id, decide(state, definition, Start(), now))]
+    return replace(state, parent=link)
 
 
 async def _undo(
