@@ -95,6 +95,10 @@ def unavailable(environ: Mapping[str, str] = os.environ) -> str | None:
     return None
 
 
+# Signals the samples wait for: (execution, signal, data).
+SIGNALS = [("expense-1042", "approval", '{"approved": true, "by": "kind"}')]
+
+
 def expected_phases() -> dict[str, str]:
     """Each sample Execution's final phase: Compensated for a `*-rollback.yaml` sample (an
     order that fails and is rolled back), Completed for the others."""
@@ -365,7 +369,26 @@ class TestOnKind:
 
     def test_sample_executions_complete(self, cluster: Cluster) -> None:
         expected = expected_phases()
-        assert len(expected) == 3
+        assert len(expected) == len(sample_objects("Execution"))
+        # The approval sample waits for a person: send its signal as one would, with
+        # the CLI in the operator's image (it reads the database URL the chart gives it).
+        for name, signal, data in SIGNALS:
+            cluster.k(
+                "exec",
+                f"deploy/{cluster.release}-operator",
+                "--",
+                "sagaflow",
+                "signal",
+                name,
+                signal,
+                "--data",
+                data,
+                "-n",
+                cluster.namespace,
+                "--wait",
+                "120s",
+                timeout=180,
+            )
 
         def probe() -> tuple[bool, str]:
             items = cluster.get_json("executions.sagaflow.io")["items"]
@@ -434,7 +457,13 @@ def test_events_are_read_from_describe_output() -> None:
 
 @pytest.mark.timeout(10)
 def test_expectations_come_from_the_samples() -> None:
-    assert sample_objects("Workflow") == ["order-fulfilment"]
-    assert sample_objects("Execution") == ["order-1001", "order-1002", "order-1003"]
+    assert sample_objects("Workflow") == ["expense-approval", "invoice-batch", "order-fulfilment"]
+    assert sample_objects("Execution") == [
+        "expense-1042",
+        "batch-2026-12",
+        "order-1001",
+        "order-1002",
+        "order-1003",
+    ]
     assert expected_phases()["order-1003"] == "Compensated"
     assert image_reference() == "sagaflow:dev"

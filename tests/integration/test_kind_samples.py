@@ -154,23 +154,30 @@ def test_runner_loads_the_image_copy_of_the_sample_runners(
     deployments: dict[str, dict[str, Any]],
 ) -> None:
     (runner,) = deployments["sagaflow-runner-orders"]["spec"]["template"]["spec"]["containers"]
-    module = "/app/samples/order_runners.py"
-    assert runner["command"] == ["sagaflow", "runner", "--module", module]
-    assert in_repository(module) == SAMPLES / "order_runners.py"
+    names = ["order_runners.py", "fan_out_runners.py", "approval_runners.py"]
+    modules = [f"/app/samples/{name}" for name in names]
+    assert runner["command"] == [
+        "sagaflow",
+        "runner",
+        *(a for m in modules for a in ("--module", m)),
+    ]
+    assert [in_repository(m) for m in modules] == [SAMPLES / name for name in names]
 
 
 def test_runner_module_serves_every_step_type_of_the_samples() -> None:
-    (module,) = kind_values()["runners"][0]["modules"]
-    load_module(in_repository(module))
-    used = {
-        step["type"]
+    for module in kind_values()["runners"][0]["modules"]:
+        load_module(in_repository(module))
+    steps = [
+        step
         for path in sorted(SAMPLES.glob("*.yaml"))
         for doc in load_yaml_documents(path)
         if doc["kind"] == "Workflow"
-        for step in doc["spec"]["steps"]
-    }
+        for step in (*doc["spec"]["steps"], *doc["spec"].get("finally", ()))
+    ]
+    used = {step["type"] for step in steps if "type" in step}
+    used |= {step["compensate"]["type"] for step in steps if "compensate" in step}
     needed = used - BUILTIN_TYPES
-    assert needed == {"orders.validate", "inventory.reserve", "payments.charge", "shipping.create"}
+    assert {"orders.validate", "billing.charge", "billing.refund", "expenses.pay"} <= needed
     assert needed <= set(default_registry.types())
 
 
