@@ -464,3 +464,13 @@ def test_a_finally_condition_reads_how_the_run_ended() -> None:
     failing = Flow({"steps": [task("a")], "finally": [alert]})
     failing(Start())
     assert steps_of(failing.fail("a")) == ["alert"]
+
+
+def test_a_negation_of_a_path_without_parentheses_is_refused_when_validated() -> None:
+    from sagaflow.core.expressions import check_templates
+
+    (error,) = check_templates("${{ !steps.a.output.ok }}", "spec.steps[1].when")
+    assert error.path == "spec.steps[1].when"
+    assert "write !(a.b)" in error.reason
+    assert check_templates("${{ !(steps.a.output.ok) }}", "when") == []
+    assert check_templates("${{ !input.tags[0] }}", "when") != []

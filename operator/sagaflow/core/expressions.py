@@ -256,6 +256,7 @@ def _parse(text: str) -> _Template:
         else:
             parts.append(compiled)
             errors.extend(_function_errors(compiled))
+            errors.extend(_negation_errors(compiled))
         position = end + len(CLOSE)
     if position < len(text):
         parts.append(text[position:])
@@ -323,6 +324,21 @@ def _function_errors(compiled: ParsedResult) -> list[str]:
                 errors.append(f"function '{name}()' takes at least {wanted} arguments, got {given}")
         elif given != wanted:
             errors.append(f"function '{name}()' takes {wanted} arguments, got {given}")
+    return errors
+
+
+def _negation_errors(compiled: ParsedResult) -> list[str]:
+    """`!a.b` is `(!a).b` in JMESPath (`!` binds tighter than `.`): null whatever `a.b`
+    holds. Nobody means that; `when: ${{ !steps.x.output.ok }}` would never run."""
+    errors = []
+    for node in _walk(compiled.parsed):
+        if node["type"] in ("subexpression", "index_expression"):
+            first = node["children"][0]
+            if first["type"] == "not_expression":
+                errors.append(
+                    "'!' applies only to what follows it up to the first '.' or '[': "
+                    "write !(a.b) to negate a.b"
+                )
     return errors
 
 
