@@ -474,3 +474,19 @@ def test_a_negation_of_a_path_without_parentheses_is_refused_when_validated() ->
     assert "write !(a.b)" in error.reason
     assert check_templates("${{ !(steps.a.output.ok) }}", "when") == []
     assert check_templates("${{ !input.tags[0] }}", "when") != []
+
+
+def test_a_child_one_level_too_deep_fails_its_step() -> None:
+    from dataclasses import replace as with_
+
+    from sagaflow.core.children import MAX_DEPTH
+    from sagaflow.core.state import Parent
+
+    flow = Flow({"steps": [{"name": "kid", "workflowRef": {"name": "orders"}}]})
+    flow.state = with_(flow.state, parent=Parent("p", "shop", "p", "kid", 1, MAX_DEPTH))
+    decision = flow(Start())
+    assert decision.dispatches == ()
+    error = flow.state.steps["kid"].error
+    assert error is not None
+    assert error.type == "ChildDepthExceeded"
+    assert flow.state.phase is E.FAILED

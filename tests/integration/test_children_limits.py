@@ -1,5 +1,6 @@
-"""A child execution waits for a slot under its workflow's concurrency limit, as any
-execution of that workflow does, and starts when the other child finishes."""
+"""Children and their parents at run time: a child waits for a slot under its
+workflow's concurrency limit as any execution of it does; suspending, resuming and
+cancelling the parent does the same to its child, in the parent's transaction."""
 
 from __future__ import annotations
 
@@ -12,6 +13,12 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+
+from sagaflow.adapters.postgres.bus import PostgresBus
+from sagaflow.adapters.postgres.store import PostgresStore
+from sagaflow.core.facts import Cancel, Resume, Suspend
+from sagaflow.core.manifests import ExecutionPhase, WorkflowSpec
+from sagaflow.runtime.orchestrator import Orchestrator
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -73,3 +80,39 @@ async def test_the_second_child_waits_for_the_first(pg_database: str, tmp_path: 
     starts = [r["at"] for r in rows if r["kind"] == "ExecutionStarted"]
     assert len(starts) == 2
     assert max(starts) >= first_done
+
+
+HOLD = WorkflowSpec.model_validate(
+    {"steps": [{"name": "hold", "type": "sagaflow.wait", "input": {"duration": "1h"}}]}
+)
+PARENT = WorkflowSpec.model_validate(
+    {"steps": [{"name": "kid", "workflowRef": {"name": "hold"}, "input": {}}]}
+)
+
+
+async def test_suspending_and_resuming_the_parent_does_the_same_to_its_child(
+    pg_pool: asyncpg.Pool,
+) -> None:
+    orchestrator = Orchestrator(PostgresStore(pg_pool), PostgresBus(pg_pool))
+    await orchestrator.apply_workflow("default", "hold", HOLD)
+    await orchestrator.apply_workflow("default", "parent", PARENT)
+    await orchestrator.start("default", "p-1", "parent", {})
+    async with pg_pool.acquire() as conn:
+        child = await orchestrator.store.get_execution(conn, "default", "p-1-kid-1")
+    assert child is not None
+    assert child.phase is ExecutionPhase.RUNNING
+    assert child.parent is not None
+    assert (child.parent.name, child.parent.step) == ("p-1", "kid")
+
+    async def phase_of(name: str) -> ExecutionPhase:
+        async with pg_pool.acquire() as conn:
+            found = await orchestrator.store.get_execution(conn, "default", name)
+        assert found is not None
+        return found.phase
+
+    await orchestrator.control("default", "p-1", Suspend(), "r-1")
+    assert await phase_of("p-1-kid-1") is ExecutionPhase.SUSPENDED
+    await orchestrator.control("default", "p-1", Resume(), "r-2")
+    assert await phase_of("p-1-kid-1") is ExecutionPhase.RUNNING
+    await orchestrator.control("default", "p-1", Cancel("enough"), "r-3")
+    assert await phase_of("p-1-kid-1") is ExecutionPhase.CANCELLED
