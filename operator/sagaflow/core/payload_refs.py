@@ -173,6 +173,10 @@ def stand_in(step: str, output: Any) -> Any:
         return _StoredOutput(step, output)
     if not isinstance(output, _CONTAINERS):
         return output
+    if type(output) is dict and len(output) <= _FLAT and not any(
+        isinstance(v, _CONTAINERS) for v in output.values()
+    ):
+        return output  # a few scalars, the common output: no marker can hide in it
     # Outputs are never changed once in state, so what the scan found for this very
     # object holds: a forEach renders over the same upstream outputs once per item.
     key = (id(output), step)
@@ -195,6 +199,7 @@ def reveal(value: Any) -> Any:
 
 _KEEP: Final = object()  # "leave this value as it is and look inside it"
 _SCANNED: dict[tuple[int, str], tuple[Any, Any]] = {}
+_FLAT: Final = 16  # a flat dict this small is checked directly, not through the cache
 _SCANNED_MAX: Final = 256  # outputs kept alive by it: each at most the offload threshold
 _CONTAINERS: Final = (dict, list, tuple)
 
