@@ -7,27 +7,17 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pg import server_dir
-from test_local_mode import sagaflow, stop_leftover_postgres
+from test_local_mode import sagaflow
+from test_local_mode import state_dir as state_dir  # the fixture: a scratch state dir
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "samples"
 
 pytestmark = pytest.mark.timeout(180)
-
-
-@pytest.fixture
-def state_dir() -> Iterator[Path]:
-    with server_dir("sagaflow-samples-") as path:
-        try:
-            yield path / "state"
-        finally:
-            stop_leftover_postgres(path / "state")
 
 
 def steps_of(item: dict[str, Any]) -> dict[str, dict[str, Any]]:

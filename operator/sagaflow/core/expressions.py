@@ -13,7 +13,8 @@ string interpolates as text: strings as they are, anything else as compact JSON
 (so a missing key reads `null`). Templates may sit anywhere inside nested dicts
 and lists; dict keys are never templates.
 
-Validation (`check_templates`, `step_references`, `template_references`) and the
+Validation (`check_templates`, `step_references`, `template_references`,
+`template_roots`) and the
 engine (`render`) share one cached parse of each template string, so a manifest
 that validated renders with the very same expressions.
 """
@@ -70,6 +71,7 @@ class _Template:
     whole: ParsedResult | None  # set when the string is exactly one template
     errors: tuple[str, ...]
     references: frozenset[str]
+    roots: frozenset[str]  # the first field of every path read from the context
 
 
 # ---------------------------------------------------------------- public API
@@ -99,6 +101,17 @@ def template_references(value: Any, path: str) -> list[tuple[str, frozenset[str]
         references = _parse(text).references
         if references:
             found.append((at, references))
+    return found
+
+
+def template_roots(value: Any, path: str) -> list[tuple[str, frozenset[str], bool]]:
+    """Per string holding templates: its field path, the names it reads from the root of
+    the context (`input`, `steps`, `item`, ...; not fields inside projections, filters
+    or `&expr`, which belong to elements), and whether it is exactly one template."""
+    found = []
+    for at, text in _template_strings(value, path):
+        parsed = _parse(text)
+        found.append((at, parsed.roots, parsed.whole is not None))
     return found
 
 
@@ -261,10 +274,10 @@ def _parse(text: str) -> _Template:
     if position < len(text):
         parts.append(text[position:])
     whole = parts[0] if len(parts) == 1 and isinstance(parts[0], ParsedResult) else None
-    references = frozenset(
-        name for part in parts if isinstance(part, ParsedResult) for name in _references(part)
-    )
-    return _Template(tuple(parts), whole, tuple(errors), references)
+    heads = [h for part in parts if isinstance(part, ParsedResult) for h in _heads(part.parsed)]
+    references = frozenset(h[1] for h in heads if len(h) >= 2 and h[0] == "steps")
+    roots = frozenset(h[0] for h in heads if h)
+    return _Template(tuple(parts), whole, tuple(errors), references, roots)
 
 
 def _close_template(text: str, body: int) -> tuple[int, ParsedResult | None, str]:
@@ -374,28 +387,23 @@ _ALL_CHILDREN = frozenset(
 )
 
 
-def _references(compiled: ParsedResult) -> set[str]:
-    names: set[str] = set()
-    _scan_root(compiled.parsed, names)
-    return names
-
-
-def _scan_root(node: Any, names: set[str]) -> None:
-    """Collect `steps.NAME` from every sub-expression evaluated against the context root.
+def _heads(node: Any) -> Iterator[list[str]]:
+    """The field names each sub-expression evaluated against the context root starts
+    with (`steps.charge.output` -> ["steps", "charge", "output"]).
 
     Inside projections, filters and `&expr`, identifiers refer to elements, so a
     field called `steps` there is not a step reference.
     """
     head, _ = _field_head(node)
-    if len(head) >= 2 and head[0] == "steps":
-        names.add(head[1])
+    if head:
+        yield head
     kind = node["type"]
     children = node.get("children", ())
     if kind in _LEFT_ONLY or kind == _FILTER:
-        _scan_root(children[0], names)
+        yield from _heads(children[0])
     elif kind in _ALL_CHILDREN:
         for child in children:
-            _scan_root(child, names)
+            yield from _heads(child)
 
 
 def _field_head(node: Any) -> tuple[list[str], bool]:

@@ -26,14 +26,10 @@ each with its field path as written in YAML, never an exception for bad input.
 
 from __future__ import annotations
 
-import functools
 from collections import deque
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
-
-import jmespath
-from jmespath import exceptions as jmespath_errors
 
 from sagaflow.core import expressions
 from sagaflow.core.definition import WAIT, WAIT_SIGNAL
@@ -66,33 +62,6 @@ _ONE_WHEN = (
 _ONE_FOR_EACH = (
     "must be one template giving a list, e.g. ${{ input.orders }}, with no text around it"
 )
-# JMESPath nodes whose first child is evaluated against the node's own value (the
-# rest against its result), and nodes whose children all are.
-_LEFT_ONLY = frozenset(
-    {
-        "subexpression",
-        "index_expression",
-        "projection",
-        "value_projection",
-        "filter_projection",
-        "pipe",
-    }
-)
-_ALL_CHILDREN = frozenset(
-    {
-        "function_expression",
-        "multi_select_list",
-        "multi_select_dict",
-        "key_val_pair",
-        "comparator",
-        "and_expression",
-        "or_expression",
-        "not_expression",
-        "flatten",
-    }
-)
-
-
 # -------------------------------------------------------------------- graphs
 
 
@@ -333,89 +302,17 @@ def _template_problems(value: Any, path: str) -> Problems:
 
 def variable_problems(value: Any, path: str, set_here: Collection[str]) -> Problems:
     """Reads of `item`, `index` or `execution` where the engine does not set them."""
-    problems = []
-    for at, text in _template_strings(value, path):
-        read = _scan(text)
-        names = read[0] if read is not None else frozenset()
-        problems += [
-            (at, _ONLY_SET[name])
-            for name in sorted(names)
-            if name in _ONLY_SET and name not in set_here
-        ]
-    return problems
+    return [
+        (at, _ONLY_SET[name])
+        for at, roots, _ in expressions.template_roots(value, path)
+        for name in sorted(roots)
+        if name in _ONLY_SET and name not in set_here
+    ]
 
 
 def _one_template(text: str) -> bool:
-    read = _scan(text)
-    return read is not None and read[1]
-
-
-def _template_strings(value: Any, path: str) -> Iterator[tuple[str, str]]:
-    """(field path, string) for every string holding a template, as `expressions` walks."""
-    if isinstance(value, str):
-        if expressions.OPEN in value:
-            yield path, value
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            yield from _template_strings(item, expressions.child_path(path, str(key)))
-    elif isinstance(value, list | tuple):
-        for index, item in enumerate(value):
-            yield from _template_strings(item, expressions.child_path(path, index))
-
-
-@functools.lru_cache(maxsize=4096)
-def _scan(text: str) -> tuple[frozenset[str], bool] | None:
-    """The root names the templates of `text` read and whether `text` is one template.
-
-    None when a template does not parse (`check_templates` reports it). A template
-    ends at the first `}}` that closes a valid expression, as in `expressions`.
-    """
-    if expressions.check_templates(text, ""):
-        return None
-    names: set[str] = set()
-    count, literal, position = 0, False, 0
-    while (start := text.find(expressions.OPEN, position)) >= 0:
-        literal = literal or start > position
-        body = start + len(expressions.OPEN)
-        limit = text.find(expressions.OPEN, body)
-        limit = len(text) if limit < 0 else limit
-        end = text.find(expressions.CLOSE, body)
-        while 0 <= end < limit:
-            try:
-                parsed = jmespath.compile(text[body:end].strip()).parsed
-            except jmespath_errors.JMESPathError:
-                end = text.find(expressions.CLOSE, end + 1)
-            else:
-                _roots(parsed, names)
-                break
-        else:
-            return None  # unreachable once check_templates passed; never guess
-        count += 1
-        position = end + len(expressions.CLOSE)
-    literal = literal or position < len(text)
-    return frozenset(names), count == 1 and not literal
-
-
-def _roots(node: Mapping[str, Any], names: set[str]) -> None:
-    """Collect the first field of every sub-expression evaluated against the context.
-
-    Inside projections, filters and `&expr`, fields belong to elements: a field
-    called `item` there is not the forEach item.
-    """
-    kind = node["type"]
-    children = [child for child in node.get("children", ()) if isinstance(child, dict)]
-    if kind == "field":
-        names.add(node["value"])
-    elif kind == "subexpression":
-        # `@.item` reads `item` of the context as `item` does.
-        head = next((c for c in children if c["type"] not in ("current", "identity")), None)
-        if head is not None:
-            _roots(head, names)
-    elif kind in _LEFT_ONLY and children:
-        _roots(children[0], names)
-    elif kind in _ALL_CHILDREN:
-        for child in children:
-            _roots(child, names)
+    found = expressions.template_roots(text, "")
+    return len(found) == 1 and found[0][2]
 
 
 # ------------------------------------------------------------------- signals

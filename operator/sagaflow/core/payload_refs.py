@@ -173,8 +173,10 @@ def stand_in(step: str, output: Any) -> Any:
         return _StoredOutput(step, output)
     if not isinstance(output, _CONTAINERS):
         return output
-    if type(output) is dict and len(output) <= _FLAT and not any(
-        isinstance(v, _CONTAINERS) for v in output.values()
+    if (
+        type(output) is dict
+        and len(output) <= _FLAT
+        and not any(isinstance(v, _CONTAINERS) for v in output.values())
     ):
         return output  # a few scalars, the common output: no marker can hide in it
     # Outputs are never changed once in state, so what the scan found for this very
