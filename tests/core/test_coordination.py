@@ -490,3 +490,22 @@ def test_a_child_one_level_too_deep_fails_its_step() -> None:
     assert error is not None
     assert error.type == "ChildDepthExceeded"
     assert flow.state.phase is E.FAILED
+
+
+def test_an_item_whose_input_fails_to_render_frees_its_slot() -> None:
+    step = task(
+        "charge",
+        forEach="${{ input.orders }}",
+        maxParallel=1,
+        toleratedFailures=1,
+        input={"size": "${{ length(item.name) }}"},
+    )
+    flow = Flow({"steps": [step]}, {"orders": [{"name": 7}, {"name": "ok"}]})
+    decision = flow(Start())
+    assert [(d.step, d.input) for d in decision.dispatches] == [("charge[1]", {"size": 2})]
+    items = flow.state.steps["charge"].items
+    assert items is not None
+    assert items.entries[0].error is not None
+    assert items.entries[0].error.type == "ExpressionError"
+    flow.ok("charge[1]")
+    assert flow.state.phase is E.COMPLETED

@@ -129,8 +129,8 @@ def _dispatch_many(out: Effects, spec: StepDef, free: int) -> None:
     items = step.items
     assert items is not None
     changed: dict[int, Item] = {}
-    index = items.cursor
-    while len(changed) < free and index < len(items):
+    index, started = items.cursor, 0
+    while started < free and index < len(items):  # an item that fails to render frees its slot
         item = items.entries[index]
         index += 1
         if item.phase is not StepPhase.PENDING:
@@ -148,6 +148,7 @@ def _dispatch_many(out: Effects, spec: StepDef, free: int) -> None:
                 break
             continue
         changed[index - 1] = Item(StepPhase.RUNNING, attempt)
+        started += 1
         _send(out, spec, key, attempt, rendered)
     out.set_step(replace(step, items=items.put_many(changed, cursor=index)))
 
