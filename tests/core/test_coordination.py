@@ -509,3 +509,16 @@ def test_an_item_whose_input_fails_to_render_frees_its_slot() -> None:
     assert items.entries[0].error.type == "ExpressionError"
     flow.ok("charge[1]")
     assert flow.state.phase is E.COMPLETED
+
+
+def test_items_waiting_to_retry_fail_once_the_step_must_fail() -> None:
+    flow = fan(3, retry={"maxAttempts": 3, "initialInterval": "10s"})
+    flow(Start())
+    retry = flow.fail("charge[1]", retryable=True)
+    assert [t.key for t in retry.timers] == ["retry:charge[1]:2"]
+    doomed = flow.fail("charge[0]")
+    assert "retry:charge[1]:2" in doomed.cancel_timers
+    assert flow.phase("charge") is S.RUNNING  # charge[2] is still in flight
+    flow.ok("charge[2]")
+    assert flow.phase("charge") is S.FAILED
+    assert flow(TimerFired("retry", "charge[1]", 2), at=10).dispatches == ()

@@ -10,7 +10,8 @@ items start in index order.
 The step is Running while items run. It succeeds once every item settled with at
 most `toleratedFailures` failed: its output is the list of item outputs in item
 order (null for a failed item). One failure more and it fails: items not started
-stay Pending and are never started; items in flight finish and are recorded, so
+stay Pending and are never started, items waiting to retry fail without their
+retry; items in flight finish and are recorded, so
 compensation can undo every item that succeeded (`fanout_undo`). Status shows
 counts per phase, never every item (`StepState.items` keeps them in the row).
 """
@@ -23,7 +24,7 @@ from typing import Any
 
 from sagaflow.core.decisions import Dispatch
 from sagaflow.core.definition import FAIL, PASS, StepDef
-from sagaflow.core.effects import Effects, item_key, render_over, timer_key
+from sagaflow.core.effects import Effects, item_key, render_over, stop_items, timer_key
 from sagaflow.core.expressions import ExpressionError
 from sagaflow.core.facts import StepCompleted, StepFailed, StepHeartbeat, TimerFired
 from sagaflow.core.manifests import ExecutionPhase, StepPhase
@@ -91,7 +92,10 @@ def fill(out: Effects, spec: StepDef) -> None:
         and not _failed_too_often(spec, items)
         and items.count(StepPhase.PENDING) > 0
     )
-    if ready:
+    if step.phase is StepPhase.RUNNING and _failed_too_often(spec, items):
+        if items.count(StepPhase.RETRYING):
+            stop_items(out, step)  # doomed: a retry that has not gone out stays undone
+    elif ready:
         active = items.count(*_ACTIVE)
         free = spec.max_parallel - active if spec.max_parallel else len(items)
         if free > 0 and spec.type in (PASS, FAIL):
