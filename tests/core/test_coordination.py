@@ -480,7 +480,7 @@ def test_a_child_one_level_too_deep_fails_its_step() -> None:
     from dataclasses import replace as with_
 
     from sagaflow.core.children import MAX_DEPTH
-    from sagaflow.core.state import Parent
+    from sagaflow.core.links import Parent
 
     flow = Flow({"steps": [{"name": "kid", "workflowRef": {"name": "orders"}}]})
     flow.state = with_(flow.state, parent=Parent("p", "shop", "p", "kid", 1, MAX_DEPTH))

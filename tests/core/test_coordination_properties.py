@@ -54,8 +54,9 @@ from sagaflow.core.facts import (
     Suspend,
     TimerFired,
 )
+from sagaflow.core.links import Parent
 from sagaflow.core.manifests import ExecutionPhase, StepPhase, WorkflowSpec
-from sagaflow.core.state import ExecutionState, Parent, StepState
+from sagaflow.core.state import ExecutionState, StepState
 
 pytestmark = pytest.mark.timeout(120)
 

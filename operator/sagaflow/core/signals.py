@@ -27,8 +27,9 @@ from sagaflow.core.definition import WAIT_SIGNAL
 from sagaflow.core.durations import parse_duration
 from sagaflow.core.effects import Effects
 from sagaflow.core.facts import SignalReceived
+from sagaflow.core.links import Signal
 from sagaflow.core.manifests import StepPhase
-from sagaflow.core.state import Failure, Signal, StepState
+from sagaflow.core.state import Failure, StepState
 
 
 def received(out: Effects, fact: SignalReceived) -> str | None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Literal
 
+from sagaflow.core.links import Parent, Signal
 from sagaflow.core.manifests import ExecutionPhase, StepPhase
 
 
@@ -220,70 +221,6 @@ class Items:
         for e in entries:
             counts[e.phase] = counts.get(e.phase, 0) + 1
         return cls(tuple(data["values"]), entries, counts, data.get("cursor", 0))
-
-
-@dataclass(frozen=True, slots=True)
-class Signal:
-    id: str
-    name: str
-    data: Any
-    at: datetime
-    step: str | None = None  # the wait that took it
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "name": self.name,
-            "data": self.data,
-            "at": _ts(self.at),
-            "step": self.step,
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Signal:
-        at = _dt(data["at"])
-        assert at is not None
-        return cls(data["id"], data["name"], data.get("data"), at, data.get("step"))
-
-
-@dataclass(frozen=True, slots=True)
-class Parent:
-    """The step attempt a child execution runs for: its end is that attempt's result."""
-
-    execution_id: str
-    namespace: str
-    name: str
-    step: str
-    attempt: int
-    depth: int = 1  # 1 for a child, 2 for a grandchild, ...
-    # Set when the parent undoes the step: its compensation attempt, which the
-    # child's Compensated (or CompensationFailed) end answers.
-    undo_attempt: int = 0
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "executionId": self.execution_id,
-            "namespace": self.namespace,
-            "name": self.name,
-            "step": self.step,
-            "attempt": self.attempt,
-            "depth": self.depth,
-            "undoAttempt": self.undo_attempt,
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any] | None) -> Parent | None:
-        if data is None:
-            return None
-        return cls(
-            data["executionId"],
-            data["namespace"],
-            data["name"],
-            data["step"],
-            data["attempt"],
-            data.get("depth", 1),
-            data.get("undoAttempt", 0),
-        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,10 +32,11 @@ from sagaflow.core.decisions import ChildControl, Decision, Dispatch
 from sagaflow.core.definition import CHILD, Definition
 from sagaflow.core.engine import decide
 from sagaflow.core.facts import Cancel, Compensate, Control, Resume, Start, Suspend
+from sagaflow.core.links import Parent
 from sagaflow.core.manifests import ExecutionPhase
 from sagaflow.core.messages import EVENTS_QUEUE, StepResult, attempt_id
 from sagaflow.core.ports import OutgoingMessage
-from sagaflow.core.state import ExecutionState, Parent, new_execution
+from sagaflow.core.state import ExecutionState, new_execution
 from sagaflow.runtime.admission import Gate
 
 if TYPE_CHECKING:
