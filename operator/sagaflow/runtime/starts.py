@@ -65,6 +65,24 @@ class StartRequest:
     cancel: bool = False
     skip_compensation: tuple[str, ...] = ()
     correlation_key: str | None = None  # spec.correlationKey
+    # The start path's idempotency key (`startpath.py`), recorded with the start.
+    start_key: StartKey | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StartKey:
+    key: str
+    request_hash: str
+    source_kind: str
+    source_name: str = ""
+    source_uid: str = ""
+
+
+class _KeyTaken(Exception):
+    """Raised inside a start's transaction to roll it back: the key went to another."""
+
+    def __init__(self, execution_id: str, request_hash: str) -> None:
+        self.execution_id, self.request_hash = execution_id, request_hash
 
 
 async def start(
@@ -72,14 +90,47 @@ async def start(
 ) -> tuple[ExecutionState, bool]:
     """Start an execution once; a repeated start returns the existing one unchanged.
 
-    Keyed by `execution_id` when given (a custom resource's uid), else by the
-    name. NameInUseError when another live execution holds the name,
+    Keyed by the request's idempotency key when it has one (a different request under
+    the key: KeyUsedError), then by `execution_id` when given (a custom resource's
+    uid), else by the name. NameInUseError when another live execution holds the name,
     CorrelationKeyInUseError when another unfinished one holds the correlation key.
     """
+    try:
+        return await _start(o, request, execution_id)
+    except _KeyTaken as taken:  # lost a race for the key: the winner's run is the answer
+        return await _keyed(o, request, taken.execution_id, taken.request_hash), False
+
+
+class KeyUsedError(Exception):
+    """A different request was started under the idempotency key (`holder` is its run)."""
+
+    def __init__(self, request: StartRequest, holder: str) -> None:
+        self.request, self.holder = request, holder
+        super().__init__(holder)
+
+
+async def _keyed(
+    o: Orchestrator, request: StartRequest, execution_id: str, request_hash: str
+) -> ExecutionState:
+    async with o.pool.acquire() as conn:
+        state = await o.store.get_execution_by_id(conn, execution_id)
+    assert state is not None  # the key's row cascades with its execution
+    if request.start_key is None or request_hash != request.start_key.request_hash:
+        raise KeyUsedError(request, state.name)
+    return state
+
+
+async def _start(
+    o: Orchestrator, request: StartRequest, execution_id: str | None
+) -> tuple[ExecutionState, bool]:
     namespace, name, workflow = request.namespace, request.name, request.workflow
     now = o.clock()
     async with o._transaction() as tx:
         conn = tx.conn
+        if request.start_key is not None:
+            held = await _key_row(conn, namespace, request.start_key.key)
+            if held is not None:
+                raise _KeyTaken(*held)
         existing = await _find(o, conn, namespace, name, execution_id)
         if existing is not None:
             return existing, False
@@ -97,6 +148,8 @@ async def start(
                 await _refuse_held_keys(conn, [request])  # lost a race for the key
                 raise NameInUseError(f"execution {namespace}/{name} is held by another run")
             return found, False
+        if request.start_key is not None:
+            await _record_key(conn, state.execution_id, namespace, request.start_key, now)
         admitted = await gate.admit_waiting(o.batch_size)
         decision = gate.place(state, definition, request.suspend)
         await gate.enqueue()
@@ -184,6 +237,41 @@ async def _refuse_held_keys(conn: Any, requests: Sequence[StartRequest]) -> None
     conflicts = _conflicts(keyed, await admission_sql.key_holders(conn, [_key(r) for r in keyed]))
     if conflicts:
         raise conflicts[0]
+
+
+async def _key_row(conn: Any, namespace: str, key: str) -> tuple[str, str] | None:
+    row = await conn.fetchrow(
+        "SELECT execution_id, request_hash FROM sagaflow_start_keys "
+        "WHERE namespace = $1 AND key = $2",
+        namespace,
+        key,
+    )
+    return None if row is None else (row["execution_id"], row["request_hash"])
+
+
+async def _record_key(
+    conn: Any, execution_id: str, namespace: str, key: StartKey, now: Any
+) -> None:
+    """The key's row, in the start's transaction. A concurrent start under the same key
+    waits here for the other to commit, then finds the row taken: `_KeyTaken` rolls
+    this start back, and the caller answers with the winner's run."""
+    inserted = await conn.fetchval(
+        "INSERT INTO sagaflow_start_keys (namespace, key, request_hash, execution_id, "
+        "source_kind, source_name, source_uid, created_at) "
+        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING RETURNING key",
+        namespace,
+        key.key,
+        key.request_hash,
+        execution_id,
+        key.source_kind,
+        key.source_name,
+        key.source_uid,
+        now,
+    )
+    if inserted is None:
+        held = await _key_row(conn, namespace, key.key)
+        assert held is not None  # keys are deleted only with their execution
+        raise _KeyTaken(*held)
 
 
 def _key(request: StartRequest) -> tuple[str, str, str]:
