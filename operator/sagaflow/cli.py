@@ -1,5 +1,6 @@
-"""The `sagaflow` command: `run` (local mode), `operator` (in a cluster), `runner`, `prune`,
-and the control verbs `suspend`, `resume`, `cancel`, `redrive`, `skip-compensation`.
+"""The `sagaflow` command: `run` (local mode), `server` (a long-running one), `operator`
+(in a cluster), `runner`, `prune`; `start`, `get`, `describe`, `history`, `signal` and
+the control verbs `suspend`, `resume`, `cancel`, `redrive`, `skip-compensation`.
 
 Exit codes: 0 all executions completed (a control request took effect), 1 some did
 not (the request was refused), 2 invalid input or configuration (nothing was done).
@@ -87,8 +88,10 @@ def _parser() -> argparse.ArgumentParser:
         help="the embedded Postgres and local payloads of this state dir "
         "(the database is ignored when SAGAFLOW_DATABASE_URL is set)",
     )
+    _server_parser(sub)
     _control_parsers(sub)
     _signal_parser(sub)
+    _client_parsers(sub)
     topology = sub.add_parser(
         "servicebus-topology",
         help="create the Service Bus queues (events, steps.<prefix>)",
@@ -121,6 +124,90 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def _client_options(parser: argparse.ArgumentParser) -> None:
+    """Where a verb reaches Sagaflow: a server, or the state itself."""
+    parser.add_argument(
+        "--server",
+        metavar="URL",
+        help="a sagaflow server or operator API, e.g. http://127.0.0.1:8090 "
+        "(default: SAGAFLOW_SERVER; unset: the state of --state-dir)",
+    )
+    parser.add_argument(
+        "--token", help="bearer token for --server (default: SAGAFLOW_SERVER_TOKEN)"
+    )
+    parser.add_argument("-n", "--namespace", default="default")
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=DEFAULT_STATE_DIR,
+        help="without --server: the state of `sagaflow run`/`server` "
+        "(ignored when SAGAFLOW_DATABASE_URL is set)",
+    )
+
+
+def _server_parser(sub: Any) -> None:
+    text = (
+        "a long-running orchestrator that serves the API and runs the Schedules and "
+        "Triggers of the files, until stopped"
+    )
+    server = sub.add_parser("server", help=text, description=text)
+    server.add_argument(
+        "-f",
+        "--filename",
+        dest="files",
+        action="append",
+        type=Path,
+        default=[],
+        help="manifest file or folder: Workflows, Executions, Schedules, Triggers, Secrets",
+    )
+    server.add_argument(
+        "--runners",
+        action="append",
+        default=[],
+        metavar="MODULE_OR_FILE",
+        help="module or .py file whose @step handlers run in-process (repeatable)",
+    )
+    server.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
+
+
+def _client_parsers(sub: Any) -> None:
+    start = sub.add_parser("start", help="start a run of a workflow (once per idempotency key)")
+    start.add_argument("workflow", metavar="WORKFLOW")
+    start.add_argument("--input", metavar="JSON|@FILE", help="the run's input (an object)")
+    start.add_argument("--idempotency-key", help="the same key always yields the same run")
+    start.add_argument("--name", help="the run's name (default: derived from the key, or new)")
+    start.add_argument("--correlation-key", help="the run's spec.correlationKey")
+    start.add_argument(
+        "--wait",
+        type=_seconds,
+        nargs="?",
+        const=24 * 3600.0,
+        default=None,
+        metavar="DURATION",
+        help="wait until the run is at rest (exit 0 if it Completed), at most DURATION",
+    )
+    start.add_argument("-o", "--output", choices=("table", "json", "yaml", "name"), default="table")
+    _client_options(start)
+    get = sub.add_parser("get", help="list executions, workflows or schedules")
+    get.add_argument(
+        "resource",
+        choices=("executions", "execution", "workflows", "workflow", "schedules", "schedule"),
+    )
+    get.add_argument("name", nargs="?", metavar="NAME")
+    get.add_argument("--workflow", help="executions of this workflow only")
+    get.add_argument("--phase", help="executions in this phase only")
+    get.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
+    _client_options(get)
+    describe = sub.add_parser("describe", help="an execution's status, steps and latest history")
+    describe.add_argument("resource", choices=("execution",))
+    describe.add_argument("name", metavar="NAME")
+    _client_options(describe)
+    history = sub.add_parser("history", help="an execution's history, oldest first")
+    history.add_argument("name", metavar="NAME")
+    history.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
+    _client_options(history)
+
+
 def _signal_parser(sub: Any) -> None:
     text = "send a signal to a run that waits for it (sagaflow.waitForSignal), or will"
     usage = (
@@ -147,6 +234,12 @@ def _signal_parser(sub: Any) -> None:
     )
     parser.add_argument("-n", "--namespace", default="default")
     parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
+    _server_options(parser)
+
+
+def _server_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server", metavar="URL", help="a sagaflow server or operator API")
+    parser.add_argument("--token", help="bearer token for --server")
 
 
 def _control_parsers(sub: Any) -> None:
@@ -160,6 +253,7 @@ def _control_parsers(sub: Any) -> None:
             default=DEFAULT_STATE_DIR,
             help="the state of `sagaflow run` (ignored when SAGAFLOW_DATABASE_URL is set)",
         )
+        _server_options(parser)
         if verb == "redrive":
             parser.add_argument(
                 "--latest",
@@ -200,6 +294,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    if hasattr(args, "server"):
+        args.server = args.server or settings.server
+        token = settings.server_token.get_secret_value() if settings.server_token else None
+        args.token = args.token or token
+    if args.command in ("start", "get", "describe", "history") or (
+        getattr(args, "server", None) and args.command in (*_CONTROL_HELP, "signal")
+    ):
+        from sagaflow.local.verbs import run_verb
+
+        verb = "control" if args.command in _CONTROL_HELP else args.command
+        if verb == "control" and getattr(args, "files", None):
+            print("error: -f stores Workflows in a state: not with --server", file=sys.stderr)
+            return 2
+        return asyncio.run(run_verb(verb, args, settings))
+    if args.command == "server":
+        from sagaflow.local.server import run_server
+
+        return asyncio.run(run_server(args.files, args.runners, args.state_dir, settings))
     if args.command == "run":
         from sagaflow.local.run import run_local
 

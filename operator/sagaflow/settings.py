@@ -62,6 +62,10 @@ class Settings(BaseSettings):
     # An async handler holding the event loop longer than this is reported by step name.
     loop_block_seconds: float = Field(default=1.0, gt=0, le=3600)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
+    # The CLI verbs' server (`--server`): a `sagaflow server` or an operator's API URL,
+    # and the bearer token they send. Unset: the verbs open the state themselves.
+    server: str | None = Field(default=None, pattern=r"^https?://[^\s]+$")
+    server_token: SecretStr | None = None
 
     # -- `sagaflow operator` -------------------------------------------------------------
     # Port of /healthz (liveness) and /readyz (readiness); 0 serves none.

@@ -41,13 +41,16 @@ from sagaflow.core.manifests import (
     Workflow,
 )
 from sagaflow.core.saga_validation import saga_problems, skip_compensation_problems
+from sagaflow.core.trigger_specs import Schedule, Trigger
 
-KINDS = ("Workflow", "Execution")
+KINDS = ("Workflow", "Execution", "Schedule", "Trigger")
 # libyaml's loader where PyYAML was built with it: ten times faster on big files.
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-_MODELS: dict[str, type[Workflow] | type[Execution]] = {
+_MODELS: dict[str, type[Workflow | Execution | Schedule | Trigger]] = {
     "Workflow": Workflow,
     "Execution": Execution,
+    "Schedule": Schedule,
+    "Trigger": Trigger,
 }
 # Pydantic reports regex mismatches by quoting the regex; people need the rule.
 _PATTERN_RULES = {
@@ -102,6 +105,8 @@ class ValidationResult:
 
     workflows: list[tuple[Document, Workflow]] = field(default_factory=list)
     executions: list[tuple[Document, Execution]] = field(default_factory=list)
+    schedules: list[tuple[Document, Schedule]] = field(default_factory=list)
+    triggers: list[tuple[Document, Trigger]] = field(default_factory=list)
     errors: list[ManifestError] = field(default_factory=list)
 
     @property
@@ -304,7 +309,7 @@ class _Checked:
     kind: str | None
     name: str | None
     namespace: str
-    model: Workflow | Execution | None = None
+    model: Workflow | Execution | Schedule | Trigger | None = None
     problems: list[tuple[str, str]] = field(default_factory=list)
 
 
@@ -339,6 +344,10 @@ def validate_documents(
             result.workflows.append((doc, item.model))
         elif isinstance(item.model, Execution):
             result.executions.append((doc, item.model))
+        elif isinstance(item.model, Schedule):
+            result.schedules.append((doc, item.model))
+        elif isinstance(item.model, Trigger):
+            result.triggers.append((doc, item.model))
     return result
 
 
@@ -446,6 +455,11 @@ def _workflow_ref_problems(
         if isinstance(item.model, Workflow) and not item.problems
     }
     for item in checked:
+        if isinstance(item.model, Schedule | Trigger):
+            ref = item.model.spec.workflow_ref.name
+            if known and (item.namespace, ref) not in known:  # unchecked alone: stored ones
+                reason = f"unknown Workflow '{ref}' in namespace '{item.namespace}'"
+                item.problems.append(("spec.workflowRef.name", reason))
         if not isinstance(item.model, Execution):
             continue
         ref = item.model.spec.workflow_ref.name

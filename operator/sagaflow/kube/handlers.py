@@ -55,7 +55,16 @@ from sagaflow.core.ports import Clock, utc_now
 from sagaflow.core.state import ExecutionState
 from sagaflow.core.status import clip, condition, keep_transition_times
 from sagaflow.core.validation import Document, validate_documents
-from sagaflow.kube.api import EXECUTION_ID, EXECUTIONS, VERSION, WORKFLOWS, execution_id_of
+from sagaflow.kube.api import (
+    EXECUTION_ID,
+    EXECUTIONS,
+    IDEMPOTENCY_KEY,
+    REQUEST_HASH,
+    SOURCE_LABELS,
+    VERSION,
+    WORKFLOWS,
+    execution_id_of,
+)
 from sagaflow.kube.control import (
     REDRIVE_SEEN,
     Plan,
@@ -139,6 +148,23 @@ async def reconcile_workflow(
     )
 
 
+def start_key_of(meta: Any) -> starts.StartKey | None:
+    """The start path's key of an object a Schedule, a Trigger or the API created
+    (`kube.launcher`), with where it came from; None for an object people wrote."""
+    annotations = meta.get("annotations") or {}
+    key = annotations.get(IDEMPOTENCY_KEY)
+    if not key:
+        return None
+    labels = meta.get("labels") or {}
+    kind, name = next(
+        ((k, labels[label]) for k, label in SOURCE_LABELS.items() if label in labels), ("api", "")
+    )
+    owner = next(
+        (o.get("uid", "") for o in meta.get("ownerReferences") or [] if o.get("controller")), ""
+    )
+    return starts.StartKey(key, annotations.get(REQUEST_HASH, ""), kind, name, owner)
+
+
 async def start_execution(
     ctx: HandlerContext,
     body: kopf.Body,
@@ -175,9 +201,20 @@ async def start_execution(
         dict(spec.input),
         suspend=spec.suspend,
         correlation_key=spec.correlation_key,
+        start_key=start_key_of(meta),
     )
     try:
         state, created = await starts.start(ctx.orchestrator, request, uid)
+    except starts.KeyUsedError as exc:
+        # Another run holds the object's idempotency key (a different request): refused.
+        reason = f"idempotency key {exc.request.start_key.key!r} started execution {exc.holder}"  # type: ignore[union-attr]
+        logger.warning(f"not started: {reason}")
+        kopf.warn(body, reason="IdempotencyKeyInUse", message=clip(reason))
+        patch.status["phase"] = "Pending"
+        patch.status["conditions"] = _conditions(
+            ready_condition(ctx, "False", "IdempotencyKeyInUse", reason), status
+        )
+        return
     except CorrelationKeyInUseError as exc:
         # Refused, not retried: a change of the spec (or a new object) starts it again.
         logger.warning(f"not started: spec.correlationKey: {exc.reason}")
