@@ -67,6 +67,18 @@ class Settings(BaseSettings):
     server: str | None = Field(default=None, pattern=r"^https?://[^\s]+$")
     server_token: SecretStr | None = None
 
+    # -- the HTTP API (`sagaflow server`, `sagaflow operator`) ------------------------------
+    # Port of the API (`api/`); 0 serves none.
+    api_port: int = Field(default=8090, ge=0, le=65535)
+    # Address it binds. Unset: every interface when callers authenticate, else loopback.
+    # Without auth (no tokens file, not in a cluster) only a loopback address is accepted.
+    api_host: str | None = Field(default=None, min_length=1, pattern=r"^[A-Za-z0-9.:\-\[\]%]+$")
+    # YAML list of bearer tokens and their namespaces (`api/auth.py`); unset outside a
+    # cluster: no auth, and the API listens on loopback only.
+    api_tokens_file: Path | None = None
+    # A request body above this is refused (413) before it is parsed.
+    api_max_body_bytes: int = Field(default=1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+
     # -- `sagaflow operator` -------------------------------------------------------------
     # Port of /healthz (liveness) and /readyz (readiness); 0 serves none.
     health_port: int = Field(default=8080, ge=0, le=65535)

@@ -33,7 +33,8 @@ Typical use in an async test::
             ...
 
 The client, kopf and patch helpers live in `kube_client`, `kube_operator` and
-`kube_patches`; they are re-exported here.
+`kube_patches`; they are re-exported here. TokenReviews and SubjectAccessReviews are
+answered from tables a test fills (`api.reviews`, `kube_reviews`).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ from tests.support.kube_operator import (
 )
 from tests.support.kube_patches import JsonPatchTestFailed, json_patch, merge_patch
 from tests.support.kube_reads import EVENTS, NAMESPACES, ReadSide, api_version, status_error
+from tests.support.kube_reviews import Reviews
 
 GROUP = "sagaflow.io"
 VERSION = "v1alpha1"
@@ -90,6 +92,8 @@ class ApiServer(ReadSide):
     """The in-memory API server: `ReadSide` plus the write path and waiting for state."""
 
     _changed: asyncio.Condition = attrs.field(factory=asyncio.Condition, init=False)
+    # TokenReview and SubjectAccessReview, answered from the tables a test fills.
+    reviews: Reviews = attrs.field(factory=Reviews, init=False)
 
     # -- reading the state from the test --------------------------------------------------
 
@@ -177,6 +181,8 @@ class ApiServer(ReadSide):
 
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
         await self._notify()
+        if (review := self.reviews.answer(request)) is not None:
+            return review
         if request.resource is None:
             return await super()._handle(request)
         action = request.action
