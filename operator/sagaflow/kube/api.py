@@ -29,11 +29,6 @@ Body = dict[str, Any]
 # On the object of a child execution (which the operator creates for it): the id of
 # the execution it shows. Other Execution objects' runs are keyed by their uid.
 EXECUTION_ID = f"{API_GROUP}/execution-id"
-# An Execution a Schedule, a Trigger or the API created (`kube.launcher`): the start
-# path's idempotency key and request hash, and a label naming its source.
-IDEMPOTENCY_KEY = f"{API_GROUP}/idempotency-key"
-REQUEST_HASH = f"{API_GROUP}/request-hash"
-SOURCE_LABELS = {"schedule": f"{API_GROUP}/schedule", "trigger": f"{API_GROUP}/trigger"}
 
 
 def execution_id_of(meta: Any) -> str:

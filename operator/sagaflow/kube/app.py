@@ -28,11 +28,19 @@ from typing import Any
 import kopf
 
 from sagaflow.adapters.postgres.store import PostgresStore
-from sagaflow.kube.api import ClientKubeApi, KubeApi, load_client_config
+from sagaflow.api.contract import Started
+from sagaflow.api.hosting import Hosted, Serving, host
+from sagaflow.kube.api import EXECUTIONS, load_client_config
+from sagaflow.kube.auth import ClientReviews, KubeAuthorizer, Reviews
 from sagaflow.kube.handlers import HandlerContext, build_registry
 from sagaflow.kube.health import HealthServer, loops_alive
+from sagaflow.kube.launcher import ClientLauncherApi, KubeLauncher, LauncherApi
 from sagaflow.kube.mirror import StatusMirror
+from sagaflow.kube.secrets import KubeSecrets
+from sagaflow.kube.sources import register_sources, report_event, sync_statuses
 from sagaflow.runtime.orchestrator import Orchestrator
+from sagaflow.runtime.startpath import StartCall
+from sagaflow.runtime.triggers import SecretResolver
 from sagaflow.settings import Settings
 from sagaflow.wiring.buses import make_bus
 from sagaflow.wiring.database import open_database
@@ -68,7 +76,13 @@ def _priority(settings: Settings) -> int:
     return random.randint(1, 2**31 - 1)  # noqa: S311
 
 
-async def run_operator(settings: Settings, api: KubeApi | None = None) -> int:
+async def run_operator(
+    settings: Settings,
+    api: LauncherApi | None = None,
+    *,
+    reviews: Reviews | None = None,
+    secrets: SecretResolver | None = None,
+) -> int:
     if not settings.database_url:
         print(
             "error: SAGAFLOW_DATABASE_URL: the operator needs an external Postgres",
@@ -91,14 +105,17 @@ async def run_operator(settings: Settings, api: KubeApi | None = None) -> int:
                     batch_size=settings.batch_size,
                     claim_check=claim_check,
                 )
+                kube = api or ClientLauncherApi(load_client_config())
                 mirror = StatusMirror(
                     db.pool,
-                    api or ClientKubeApi(load_client_config()),
+                    kube,
                     poll_seconds=settings.mirror_poll_seconds,
                     outages=orchestrator.outages,
                 )
                 context = HandlerContext(orchestrator, db.pool, settings.workflow_wait_seconds)
-                await _serve(settings, db.dsn, orchestrator, mirror, context)
+                hosting = _hosting(orchestrator, kube, settings, reviews, secrets)
+                async with hosting as serving:
+                    await _serve(settings, db.dsn, orchestrator, mirror, context, serving)
             finally:
                 await bus.close()
                 await orchestrator.outages.close()
@@ -107,18 +124,54 @@ async def run_operator(settings: Settings, api: KubeApi | None = None) -> int:
     return 0
 
 
+def _hosting(
+    orchestrator: Orchestrator,
+    kube: LauncherApi,
+    settings: Settings,
+    reviews: Reviews | None,
+    secrets: SecretResolver | None,
+) -> contextlib.AbstractAsyncContextManager[Serving]:
+    """The API, schedules and triggers, starting runs as Execution objects: the API's
+    callers are authenticated by TokenReview and authorised by SubjectAccessReview."""
+    launcher = KubeLauncher(kube)
+
+    async def start(call: StartCall) -> Started:
+        name, created = await launcher.start(call)
+        found = await kube.get(EXECUTIONS, call.namespace, name)
+        return Started(found or {"metadata": {"name": name, "namespace": call.namespace}}, created)
+
+    if reviews is None or secrets is None:
+        client = load_client_config()
+        reviews = reviews or ClientReviews(client)
+        secrets = secrets or KubeSecrets(client)
+    return host(
+        orchestrator,
+        launcher,
+        Hosted(),
+        settings,
+        authorizer=KubeAuthorizer(reviews),
+        secrets=secrets,
+        starter=start,
+        report=lambda ns, name, kind, reason, message: report_event(
+            kube, ns, name, kind, reason, message
+        ),
+    )
+
+
 async def _serve(
     settings: Settings,
     dsn: str,
     orchestrator: Orchestrator,
     mirror: StatusMirror,
     context: HandlerContext,
+    serving: Serving,
 ) -> None:
     stop = asyncio.Event()
     ready = asyncio.Event()
     tasks = [
         asyncio.create_task(orchestrator.run(stop, dsn), name="orchestrator"),
         asyncio.create_task(mirror.run(stop, dsn), name="status mirror"),
+        asyncio.create_task(sync_statuses(mirror.api, serving, stop), name="source statuses"),
     ]
 
     async def database_answers() -> str | None:
@@ -134,6 +187,7 @@ async def _serve(
     if settings.health_port:
         await health.start()
     registry = build_registry(context)
+    register_sources(registry, serving)
 
     @kopf.on.cleanup(registry=registry)
     async def stop_loops(**_: Any) -> None:
@@ -142,6 +196,7 @@ async def _serve(
         # The bus has tasks of its own (a receiver's lease renewal); no handler runs
         # after cleanup, so it closes here too (closing it again later is a no-op).
         stop.set()
+        await serving.stop()
         await asyncio.wait(tasks, timeout=10)
         await orchestrator.bus.close()
 

@@ -58,9 +58,6 @@ from sagaflow.core.validation import Document, validate_documents
 from sagaflow.kube.api import (
     EXECUTION_ID,
     EXECUTIONS,
-    IDEMPOTENCY_KEY,
-    REQUEST_HASH,
-    SOURCE_LABELS,
     VERSION,
     WORKFLOWS,
     execution_id_of,
@@ -75,6 +72,7 @@ from sagaflow.kube.control import (
     redrive_seen,
     spec_condition,
 )
+from sagaflow.kube.launcher import start_key_of
 from sagaflow.runtime import admission, starts
 from sagaflow.runtime.orchestrator import Orchestrator
 from sagaflow.runtime.outages import describe
@@ -148,23 +146,6 @@ async def reconcile_workflow(
     )
 
 
-def start_key_of(meta: Any) -> starts.StartKey | None:
-    """The start path's key of an object a Schedule, a Trigger or the API created
-    (`kube.launcher`), with where it came from; None for an object people wrote."""
-    annotations = meta.get("annotations") or {}
-    key = annotations.get(IDEMPOTENCY_KEY)
-    if not key:
-        return None
-    labels = meta.get("labels") or {}
-    kind, name = next(
-        ((k, labels[label]) for k, label in SOURCE_LABELS.items() if label in labels), ("api", "")
-    )
-    owner = next(
-        (o.get("uid", "") for o in meta.get("ownerReferences") or [] if o.get("controller")), ""
-    )
-    return starts.StartKey(key, annotations.get(REQUEST_HASH, ""), kind, name, owner)
-
-
 async def start_execution(
     ctx: HandlerContext,
     body: kopf.Body,
@@ -201,7 +182,7 @@ async def start_execution(
         dict(spec.input),
         suspend=spec.suspend,
         correlation_key=spec.correlation_key,
-        start_key=start_key_of(meta),
+        start_key=start_key_of(body),
     )
     try:
         state, created = await starts.start(ctx.orchestrator, request, uid)
