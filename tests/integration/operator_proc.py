@@ -33,6 +33,8 @@ def base_env(dsn: str, tmp: Path, **extra: str) -> dict[str, str]:
         SAGAFLOW_DATABASE_URL=dsn,
         SAGAFLOW_PAYLOAD_DIR=str(tmp / "payloads"),
         SAGAFLOW_LOG_LEVEL="INFO",
+        # No API unless a test asks for one: processes side by side need no port each.
+        SAGAFLOW_API_PORT="0",
         HOME=str(tmp),
     )
     env.update(extra)

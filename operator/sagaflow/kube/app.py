@@ -28,8 +28,10 @@ from typing import Any
 import kopf
 
 from sagaflow.adapters.postgres.store import PostgresStore
+from sagaflow.api.auth import TokensFileError
 from sagaflow.api.contract import Started
 from sagaflow.api.hosting import Hosted, Serving, host
+from sagaflow.api.server import ServeError
 from sagaflow.kube.api import EXECUTIONS, load_client_config
 from sagaflow.kube.auth import ClientReviews, KubeAuthorizer, Reviews
 from sagaflow.kube.handlers import HandlerContext, build_registry
@@ -114,8 +116,12 @@ async def run_operator(
                 )
                 context = HandlerContext(orchestrator, db.pool, settings.workflow_wait_seconds)
                 hosting = _hosting(orchestrator, kube, settings, reviews, secrets)
-                async with hosting as serving:
-                    await _serve(settings, db.dsn, orchestrator, mirror, context, serving)
+                try:
+                    async with hosting as serving:
+                        await _serve(settings, db.dsn, orchestrator, mirror, context, serving)
+                except (ServeError, TokensFileError) as exc:
+                    print(f"error: {exc}", file=sys.stderr)
+                    return 2
             finally:
                 await bus.close()
                 await orchestrator.outages.close()

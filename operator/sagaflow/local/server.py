@@ -29,7 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from sagaflow.api.auth import TokensFileError
 from sagaflow.api.hosting import Hosted, host
+from sagaflow.api.server import ServeError
 from sagaflow.core.definition import BUILTIN_TYPES
 from sagaflow.core.messages import EVENTS_QUEUE
 from sagaflow.core.trigger_specs import Schedule, Trigger
@@ -139,7 +141,7 @@ async def run_server(
         for problem in exc.problems:
             print(f"error: {problem}", file=err)
         return EXIT_INVALID
-    except CorrelationKeyInUseError as exc:
+    except (CorrelationKeyInUseError, ServeError, TokensFileError) as exc:
         print(f"error: {exc}", file=err)
         return EXIT_INVALID
     finally:
