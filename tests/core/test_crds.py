@@ -22,10 +22,11 @@ from pydantic import ValidationError
 
 from sagaflow.core.crds import custom_resource_definitions, peering_definitions, render_yaml
 from sagaflow.core.manifests import Execution, Workflow
+from sagaflow.core.trigger_specs import Schedule, Trigger
 
 REPO = Path(__file__).resolve().parents[2]
 CRDS = REPO / "crds"
-SAMPLES = sorted((REPO / "samples").glob("*.yaml"))
+SAMPLES = sorted((REPO / "samples").rglob("*.yaml"))
 REGENERATE = "regenerate with `python -m sagaflow.local.crdgen` from the repository root"
 
 FORBIDDEN_KEYS = {"$ref", "$defs", "anyOf", "allOf", "oneOf", "not", "title", "default"}
@@ -92,7 +93,12 @@ def test_peering_crds_are_structural_and_free_form() -> None:
 
 @pytest.mark.parametrize(
     ("kind", "plural", "short_name"),
-    [("Workflow", "workflows", "sfwf"), ("Execution", "executions", "sfex")],
+    [
+        ("Workflow", "workflows", "sfwf"),
+        ("Execution", "executions", "sfex"),
+        ("Schedule", "schedules", "sfs"),
+        ("Trigger", "triggers", "sft"),
+    ],
 )
 def test_names_and_version(kind: str, plural: str, short_name: str) -> None:
     crd = next(c for c in custom_resource_definitions() if c["spec"]["names"]["kind"] == kind)
@@ -111,7 +117,16 @@ def test_names_and_version(kind: str, plural: str, short_name: str) -> None:
 # --- structural-schema rules ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["Workflow", "Execution"])
+def test_every_kind_has_a_crd_in_order() -> None:
+    kinds = [crd["spec"]["names"]["kind"] for crd in custom_resource_definitions()]
+    assert kinds == ["Workflow", "Execution", "Schedule", "Trigger"]
+    short_names = [
+        n for crd in custom_resource_definitions() for n in crd["spec"]["names"]["shortNames"]
+    ]
+    assert len(set(short_names)) == len(short_names)
+
+
+@pytest.mark.parametrize("kind", ["Workflow", "Execution", "Schedule", "Trigger"])
 def test_schema_is_structural(kind: str) -> None:
     schema = schemas()[kind]
     for path, node in walk(schema):
@@ -148,6 +163,13 @@ def test_durations_carry_the_duration_pattern() -> None:
         spec["retry"]["properties"]["initialInterval"],
         step["retry"]["properties"]["maxInterval"],
     ]
+    schedule = schemas()["Schedule"]["properties"]["spec"]["properties"]
+    auth = schemas()["Trigger"]["properties"]["spec"]["properties"]["source"]["properties"]
+    duration_nodes += [
+        schedule["interval"],
+        schedule["catchupWindow"],
+        auth["http"]["properties"]["auth"]["properties"]["maxSkew"],
+    ]
     for node in duration_nodes:
         assert node["type"] == "string" and node["pattern"].startswith("^(")
 
@@ -161,7 +183,13 @@ def _schema_at(schema: dict[str, Any], json_path: str) -> dict[str, Any] | None:
         if name not in node.get("properties", {}):
             return None
         node = node["properties"][name]
-        if subscript:
+        union = re.findall(r"'(\w+)'", subscript)
+        if union:
+            # A union of fields (`['cron','interval']`): each must be a field here.
+            if not all(field in node.get("properties", {}) for field in union):
+                return None
+            node = node["properties"][union[0]]
+        elif subscript:
             node = node["items"]
     return node
 
@@ -210,7 +238,7 @@ def _sample_documents() -> list[dict[str, Any]]:
 
 def test_there_are_samples_to_validate() -> None:
     kinds = {doc["kind"] for doc in _sample_documents()}
-    assert kinds == {"Workflow", "Execution"}
+    assert {"Workflow", "Execution"} <= kinds <= set(schemas())
 
 
 @pytest.mark.parametrize(
@@ -230,6 +258,152 @@ def _order_execution() -> dict[str, Any]:
         for d in _sample_documents()
         if d["kind"] == "Execution" and d["spec"]["workflowRef"]["name"] == "order-fulfilment"
     )
+
+
+MODELS: dict[str, Any] = {
+    "Workflow": Workflow,
+    "Execution": Execution,
+    "Schedule": Schedule,
+    "Trigger": Trigger,
+}
+
+
+def _schedule(**spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "sagaflow.io/v1alpha1",
+        "kind": "Schedule",
+        "metadata": {"name": "nightly"},
+        "spec": {
+            "workflowRef": {"name": "report"},
+            "cron": "0 2 * * *",
+            "timezone": "Europe/Amsterdam",
+            "input": {"day": "${{ schedule.time }}"},
+            "overlap": "BufferOne",
+            "catchupWindow": "1h30m",
+            **spec,
+        },
+    }
+
+
+def _trigger(**spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "sagaflow.io/v1alpha1",
+        "kind": "Trigger",
+        "metadata": {"name": "orders"},
+        "spec": {
+            "workflowRef": {"name": "order"},
+            "source": {"queue": "orders.submitted"},
+            "filter": "${{ body.type == 'OrderSubmitted' }}",
+            "input": {"order": "${{ body.order }}"},
+            "idempotencyKey": "${{ body.order.id }}",
+            **spec,
+        },
+    }
+
+
+def _webhook(**auth: Any) -> dict[str, Any]:
+    return _trigger(
+        source={
+            "http": {
+                "path": "approvals",
+                "auth": {"hmacSecretRef": {"name": "hook", "key": "secret"}, **auth},
+            }
+        },
+        action="signal",
+        signal="approval",
+        correlationKey="${{ body.id }}",
+    )
+
+
+GOOD_SOURCES = {
+    "schedule-cron": _schedule(),
+    "schedule-interval": _schedule(cron=None, interval="15m", suspend=True),
+    "trigger-queue": _trigger(),
+    "trigger-webhook": _webhook(timestampHeader="X-Timestamp", maxSkew="2m"),
+}
+
+
+@pytest.mark.parametrize("document", list(GOOD_SOURCES.values()), ids=list(GOOD_SOURCES))
+def test_good_schedules_and_triggers_pass_schema_and_models(document: dict[str, Any]) -> None:
+    document = {**document, "spec": {k: v for k, v in document["spec"].items() if v is not None}}
+    MODELS[document["kind"]].model_validate(document)
+    assert _errors(document) == []
+
+
+BAD_SOURCES = {
+    "schedule-without-workflow": _schedule(workflowRef=None),
+    "schedule-interval-words": _schedule(cron=None, interval="5 minutes"),
+    "schedule-catchup-bare-number": _schedule(catchupWindow="60"),
+    "schedule-unknown-overlap": _schedule(overlap="Never"),
+    "schedule-suspend-string": _schedule(suspend="maybe"),
+    "trigger-without-source": _trigger(source=None),
+    "trigger-bad-queue": _trigger(source={"queue": "-orders"}),
+    "trigger-unknown-action": _trigger(action="stop"),
+    "trigger-bad-signal-name": _webhook() | {"spec": {**_webhook()["spec"], "signal": "1st"}},
+    "webhook-path-with-slash": _trigger(
+        source={"http": {"path": "a/b", "auth": {"bearerSecretRef": {"name": "h", "key": "k"}}}}
+    ),
+    "webhook-skew-bare-number": _webhook(maxSkew="300"),
+    "webhook-secret-without-key": _trigger(
+        source={"http": {"path": "a", "auth": {"hmacSecretRef": {"name": "h"}}}}
+    ),
+}
+
+
+@pytest.mark.parametrize("document", list(BAD_SOURCES.values()), ids=list(BAD_SOURCES))
+def test_bad_schedules_and_triggers_fail_both_schema_and_models(document: dict[str, Any]) -> None:
+    document = {**document, "spec": {k: v for k, v in document["spec"].items() if v is not None}}
+    with pytest.raises(ValidationError):
+        MODELS[document["kind"]].model_validate(document)
+    assert _errors(document), "the CRD schema accepted a manifest the models reject"
+
+
+def _cells(document: dict[str, Any]) -> dict[str, Any]:
+    """The printer columns of `document` as kube-apiserver fills them: each cell the
+    first match of its column's JSONPath."""
+    from tests.support.kube_tables import first_match
+
+    crd = next(
+        c for c in custom_resource_definitions() if c["spec"]["names"]["kind"] == document["kind"]
+    )
+    columns = crd["spec"]["versions"][0]["additionalPrinterColumns"]
+    return {c["name"]: first_match(c["jsonPath"], document) for c in columns if c["name"] != "Age"}
+
+
+def test_schedule_columns_show_cron_or_interval_and_the_status() -> None:
+    status = {
+        "lastScheduleTime": "2026-01-01T01:00:00Z",
+        "nextScheduleTime": "2026-01-02T01:00:00Z",
+        "active": ["nightly-1"],
+        "started": 3,
+    }
+    assert _cells({**_schedule(), "status": status}) == {
+        "Workflow": "report",
+        "Schedule": "0 2 * * *",
+        "Timezone": "Europe/Amsterdam",
+        "Suspend": None,
+        "Last Schedule": "2026-01-01T01:00:00Z",
+        "Next": "2026-01-02T01:00:00Z",
+        "Active": ["nightly-1"],
+    }
+    interval = _schedule(interval="15m", suspend=True)
+    del interval["spec"]["cron"]
+    cells = _cells(interval)
+    assert (cells["Schedule"], cells["Suspend"], cells["Active"]) == ("15m", True, None)
+
+
+def test_trigger_columns_show_the_queue_or_the_webhook_and_the_counts() -> None:
+    status = {"started": 4, "filtered": 2, "duplicates": 1}
+    assert _cells({**_trigger(), "status": status}) == {
+        "Workflow": "order",
+        "Queue": "orders.submitted",
+        "Webhook": None,
+        "Action": None,
+        "Started": 4,
+        "Filtered": 2,
+    }
+    cells = _cells(_webhook())
+    assert (cells["Queue"], cells["Webhook"], cells["Action"]) == (None, "approvals", "signal")
 
 
 def _missing_workflow_ref() -> dict[str, Any]:
@@ -282,7 +456,7 @@ def _no_steps() -> dict[str, Any]:
 )
 def test_bad_manifests_fail_both_schema_and_models(make: Any) -> None:
     document = make()
-    model = Workflow if document["kind"] == "Workflow" else Execution
+    model = MODELS[document["kind"]]
     with pytest.raises(ValidationError):
         model.model_validate(document)
     assert _errors(document), "the CRD schema accepted a manifest the models reject"

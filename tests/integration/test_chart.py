@@ -71,6 +71,22 @@ IDENTITY_VALUES: dict[str, Any] = {
 }
 
 
+INGRESS_VALUES: dict[str, Any] = {
+    "api": {
+        "port": 9443,
+        "service": {"type": "LoadBalancer", "annotations": {"example.io/lb": "internal"}},
+        "ingress": {
+            "enabled": True,
+            "className": "nginx",
+            "host": "flows.example.com",
+            "path": "/v1",
+            "annotations": {"nginx.ingress.kubernetes.io/proxy-body-size": "4m"},
+            "tls": [{"secretName": "flows-tls", "hosts": ["flows.example.com"]}],
+        },
+    }
+}
+
+
 @pytest.fixture(scope="module")
 def chart() -> Any:
     loaded = helm_python.Chart.load(CHART)
@@ -80,7 +96,10 @@ def chart() -> Any:
 
 def render(chart: Any, values: dict[str, Any] | None = None, **options: Any) -> dict[str, str]:
     options.setdefault("is_install", True)
-    return chart.render(values or {}, name=RELEASE, namespace=NAMESPACE, **options)
+    rendered: dict[str, str] = chart.render(
+        values or {}, name=RELEASE, namespace=NAMESPACE, **options
+    )
+    return rendered
 
 
 def documents(rendered: dict[str, str]) -> list[dict[str, Any]]:
@@ -111,6 +130,7 @@ def test_renders_with_default_values(chart: Any) -> None:
         "ClusterRole",
         "ClusterRoleBinding",
         "Deployment",
+        "Service",
         "ServiceAccount",
     ]
     (operator,) = containers(docs)
@@ -119,13 +139,17 @@ def test_renders_with_default_values(chart: Any) -> None:
     assert operator["imagePullPolicy"] == "IfNotPresent"
     assert operator["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert operator["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
-    assert operator["ports"] == [{"name": "health", "containerPort": 8080, "protocol": "TCP"}]
+    assert operator["ports"] == [
+        {"name": "health", "containerPort": 8080, "protocol": "TCP"},
+        {"name": "api", "containerPort": 8090, "protocol": "TCP"},
+    ]
     assert operator["resources"]["requests"] and operator["resources"]["limits"]
     security = operator["securityContext"]
     assert security["runAsNonRoot"] is True
     assert security["readOnlyRootFilesystem"] is True
     assert security["capabilities"]["drop"] == ["ALL"]
     env = env_of(operator)
+    assert env["SAGAFLOW_API_PORT"] == {"name": "SAGAFLOW_API_PORT", "value": "8090"}
     assert env["SAGAFLOW_BUS"]["value"] == "postgres"
     assert env["SAGAFLOW_PAYLOADS"]["value"] == "local"
     assert env["SAGAFLOW_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {
@@ -205,7 +229,9 @@ def test_workload_identity_without_connection_strings(chart: Any) -> None:
 
 
 @pytest.mark.parametrize(
-    "values", [{}, AZURE_VALUES, IDENTITY_VALUES], ids=["default", "azure", "identity"]
+    "values",
+    [{}, AZURE_VALUES, IDENTITY_VALUES, INGRESS_VALUES],
+    ids=["default", "azure", "identity", "ingress"],
 )
 def test_lint_passes_without_errors(values: dict[str, Any]) -> None:
     report = helm_python.lint(CHART, values, namespace=NAMESPACE)
@@ -213,11 +239,73 @@ def test_lint_passes_without_errors(values: dict[str, Any]) -> None:
     assert [m for m in report["messages"] if m["severity"] >= 2] == []
 
 
+# --- the API: Service, Ingress ------------------------------------------------------
+
+
+def test_the_api_service_reaches_the_operator_pods_by_port_name(chart: Any) -> None:
+    docs = documents(render(chart))
+    (service,) = of_kind(docs, "Service")
+    assert service["metadata"]["name"] == "sf-sagaflow-api"
+    assert service["metadata"]["namespace"] == NAMESPACE
+    assert "annotations" not in service["metadata"]
+    spec = service["spec"]
+    assert spec["type"] == "ClusterIP"
+    assert spec["ports"] == [{"name": "api", "port": 8090, "targetPort": "api", "protocol": "TCP"}]
+    (operator,) = of_kind(docs, "Deployment")
+    pod_labels = operator["spec"]["template"]["metadata"]["labels"]
+    assert spec["selector"].items() <= pod_labels.items()
+    assert spec["selector"]["app.kubernetes.io/component"] == "operator"
+    assert not of_kind(docs, "Ingress")
+
+
+def test_the_api_port_and_an_ingress_follow_the_values(chart: Any) -> None:
+    docs = documents(render(chart, INGRESS_VALUES))
+    (operator,) = containers(docs)
+    assert {"name": "api", "containerPort": 9443, "protocol": "TCP"} in operator["ports"]
+    assert env_of(operator)["SAGAFLOW_API_PORT"]["value"] == "9443"
+    (service,) = of_kind(docs, "Service")
+    assert service["spec"]["type"] == "LoadBalancer"
+    assert service["spec"]["ports"][0]["port"] == 9443
+    assert service["metadata"]["annotations"] == {"example.io/lb": "internal"}
+    (ingress,) = of_kind(docs, "Ingress")
+    assert ingress["apiVersion"] == "networking.k8s.io/v1"
+    assert ingress["metadata"]["annotations"] == {
+        "nginx.ingress.kubernetes.io/proxy-body-size": "4m"
+    }
+    spec = ingress["spec"]
+    assert spec["ingressClassName"] == "nginx"
+    assert spec["tls"] == [{"secretName": "flows-tls", "hosts": ["flows.example.com"]}]
+    (rule,) = spec["rules"]
+    assert rule["host"] == "flows.example.com"
+    assert rule["http"]["paths"] == [
+        {
+            "path": "/v1",
+            "pathType": "Prefix",
+            "backend": {"service": {"name": "sf-sagaflow-api", "port": {"name": "api"}}},
+        }
+    ]
+
+
+def test_an_ingress_without_class_or_tls_leaves_them_to_the_cluster(chart: Any) -> None:
+    values = {"api": {"ingress": {"enabled": True, "host": "flows.example.com"}}}
+    (ingress,) = of_kind(documents(render(chart, values)), "Ingress")
+    assert "ingressClassName" not in ingress["spec"] and "tls" not in ingress["spec"]
+    assert "annotations" not in ingress["metadata"]
+    assert ingress["spec"]["rules"][0]["http"]["paths"][0]["path"] == "/"
+
+
+def test_the_api_and_health_ports_must_differ(chart: Any) -> None:
+    with pytest.raises(helm_python.HelmError, match=r"api\.port and operator\.healthPort"):
+        render(chart, {"api": {"port": 8080}})
+
+
 # --- values schema -----------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    "values", [{}, AZURE_VALUES, IDENTITY_VALUES], ids=["default", "azure", "identity"]
+    "values",
+    [{}, AZURE_VALUES, IDENTITY_VALUES, INGRESS_VALUES],
+    ids=["default", "azure", "identity", "ingress"],
 )
 def test_schema_accepts_good_values(chart: Any, values: dict[str, Any]) -> None:
     chart.validate_schema(merged(chart.values, values))
@@ -248,6 +336,16 @@ BAD_VALUES = {
     "runner-without-modules": {"runners": [{"name": "a", "modules": []}]},
     "inlined-secret-value": {
         "database": {"urlSecret": {"name": "x", "key": "y", "value": "pg://"}}
+    },
+    "string-api-port": {"api": {"port": "8090"}},
+    "api-port-out-of-range": {"api": {"port": 70000}},
+    "unknown-api-key": {"api": {"prot": 8090}},
+    "unknown-service-type": {"api": {"service": {"type": "ExternalName"}}},
+    "ingress-without-host": {"api": {"ingress": {"enabled": True}}},
+    "ingress-empty-host": {"api": {"ingress": {"enabled": True, "host": ""}}},
+    "ingress-relative-path": {"api": {"ingress": {"enabled": True, "host": "a.b", "path": "v1"}}},
+    "ingress-tls-without-hosts": {
+        "api": {"ingress": {"enabled": True, "host": "a.b", "tls": [{"secretName": "t"}]}}
     },
 }
 
@@ -280,15 +378,26 @@ def test_rbac_lists_everything_exactly(chart: Any, values: dict[str, Any]) -> No
                 for r in rule["resources"]
                 for v in rule["verbs"]
             }
-    for resource in ("workflows", "executions"):
+    for resource in ("workflows", "executions", "schedules", "triggers"):
         for verb in ("get", "list", "watch", "patch"):
             assert ("sagaflow.io", resource, verb) in granted
         assert ("sagaflow.io", f"{resource}/status", "patch") in granted
+    for resource in ("workflows", "executions"):
         assert ("sagaflow.io", f"{resource}/finalizers", "update") in granted
     assert {("", "events", "create"), ("", "events", "patch")} <= granted
     assert ("kopf.dev", "kopfpeerings", "watch") in granted
     # Delete only where the operator deletes: finished Executions past their TTL.
     assert {(g, r) for g, r, v in granted if v == "delete"} == {("sagaflow.io", "executions")}
+    # Create: Executions (children, schedules, triggers, the API), Events, and reviews.
+    assert {(g, r) for g, r, v in granted if v == "create"} == {
+        ("sagaflow.io", "executions"),
+        ("", "events"),
+        ("authentication.k8s.io", "tokenreviews"),
+        ("authorization.k8s.io", "subjectaccessreviews"),
+    }
+    # Webhook secrets are read by name: never listed or watched, never written.
+    assert {v for g, r, v in granted if r == "secrets"} == {"get"}
+    assert {r for g, r, _v in granted if g == ""} == {"events", "secrets"}
     verbs = {v for _g, _r, v in granted}
     assert verbs <= {"get", "list", "watch", "patch", "update", "create", "delete"}
 
@@ -318,7 +427,29 @@ def test_peering_objects_match_the_watch_scope(
 
 def test_namespaced_rbac_has_one_role_per_watched_namespace(chart: Any) -> None:
     docs = documents(render(chart, AZURE_VALUES))
-    assert not of_kind(docs, "ClusterRole") and not of_kind(docs, "ClusterRoleBinding")
+    # Cluster-wide only what a Role cannot grant: token and access reviews.
+    (auth,) = of_kind(docs, "ClusterRole")
+    assert auth["metadata"]["name"] == "sf-sagaflow-auth"
+    assert auth["rules"] == [
+        {
+            "apiGroups": ["authentication.k8s.io"],
+            "resources": ["tokenreviews"],
+            "verbs": ["create"],
+        },
+        {
+            "apiGroups": ["authorization.k8s.io"],
+            "resources": ["subjectaccessreviews"],
+            "verbs": ["create"],
+        },
+    ]
+    (auth_binding,) = of_kind(docs, "ClusterRoleBinding")
+    assert auth_binding["roleRef"]["name"] == "sf-sagaflow-auth"
+    assert auth_binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "sf-sagaflow", "namespace": NAMESPACE}
+    ]
+    for role in of_kind(docs, "Role"):
+        groups = {g for rule in role["rules"] for g in rule["apiGroups"]}
+        assert groups == {"sagaflow.io", "", "kopf.dev"}
     assert sorted(r["metadata"]["namespace"] for r in of_kind(docs, "Role")) == [
         "billing",
         "orders",
@@ -388,6 +519,8 @@ def test_loaded_chart_carries_the_crds(chart: Any) -> None:
     assert names == {
         "executions.sagaflow.io",
         "workflows.sagaflow.io",
+        "schedules.sagaflow.io",
+        "triggers.sagaflow.io",
         "clusterkopfpeerings.kopf.dev",
         "kopfpeerings.kopf.dev",
     }
@@ -615,3 +748,77 @@ WORKFLOWS = {
 def test_workflow_health(case: tuple[dict[str, Any], str, str]) -> None:
     obj, expected_status, expected_message = case
     assert run_health("Workflow", obj) == (expected_status, expected_message)
+
+
+def source(kind: str, spec: dict[str, Any], status: dict[str, Any] | None) -> dict[str, Any]:
+    obj: dict[str, Any] = {
+        "apiVersion": "sagaflow.io/v1alpha1",
+        "kind": kind,
+        "metadata": {"name": "nightly", "namespace": "orders", "generation": 1},
+        "spec": {"workflowRef": {"name": "order"}, **spec},
+    }
+    if status is not None:
+        obj["status"] = status
+    return obj
+
+
+SCHEDULES = {
+    "no-status": (source("Schedule", {"cron": "0 2 * * *"}, None), "Healthy", "Schedule active"),
+    "next-tick": (
+        source(
+            "Schedule",
+            {"interval": "15m", "suspend": False},
+            {"nextScheduleTime": "2026-01-01T02:00:00Z", "active": ["nightly-1"]},
+        ),
+        "Healthy",
+        "Next run at 2026-01-01T02:00:00Z",
+    ),
+    "suspended": (
+        source(
+            "Schedule",
+            {"cron": "0 2 * * *", "suspend": True},
+            {"nextScheduleTime": "2026-01-01T02:00:00Z", "missed": 3},
+        ),
+        "Suspended",
+        "Schedule suspended",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(SCHEDULES.values()), ids=list(SCHEDULES))
+def test_schedule_health(case: tuple[dict[str, Any], str, str]) -> None:
+    obj, expected_status, expected_message = case
+    assert run_health("Schedule", obj) == (expected_status, expected_message)
+
+
+QUEUE = {"source": {"queue": "orders.submitted"}}
+TRIGGERS = {
+    "no-status": (source("Trigger", QUEUE, None), "Healthy", "Trigger active"),
+    "nothing-yet": (source("Trigger", QUEUE, {"started": 0}), "Healthy", "Trigger active"),
+    "counts": (
+        source("Trigger", QUEUE, {"started": 5, "filtered": 2, "deadLettered": 1}),
+        "Healthy",
+        "5 started, 0 signalled, 2 filtered, 1 dead-lettered",
+    ),
+    "suspended": (
+        source("Trigger", {**QUEUE, "suspend": True}, {"started": 5}),
+        "Suspended",
+        "Trigger suspended",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(TRIGGERS.values()), ids=list(TRIGGERS))
+def test_trigger_health(case: tuple[dict[str, Any], str, str]) -> None:
+    obj, expected_status, expected_message = case
+    assert run_health("Trigger", obj) == (expected_status, expected_message)
+
+
+def test_every_kind_with_a_crd_has_a_health_check() -> None:
+    kinds = {
+        yaml.safe_load(p.read_text())["spec"]["names"]["kind"]
+        for p in CHART.glob("crds/sagaflow.io_*.yaml")
+    }
+    assert {p.parent.name for p in ARGOCD.glob("*/health.lua")} == {
+        f"sagaflow.io_{k}" for k in kinds
+    }

@@ -143,14 +143,15 @@ annotations:
 {{/* The operator's permissions: listed exactly, no wildcards. */}}
 {{- define "sagaflow.rules" -}}
 - apiGroups: ["sagaflow.io"]
-  resources: ["workflows", "executions"]
+  resources: ["workflows", "executions", "schedules", "triggers"]
   verbs: ["get", "list", "watch", "patch"]
-# Finished Executions are deleted after their ttlSecondsAfterFinished.
+# Executions are created for child workflows and by Schedules, Triggers and the API;
+# finished ones are deleted after their ttlSecondsAfterFinished.
 - apiGroups: ["sagaflow.io"]
   resources: ["executions"]
-  verbs: ["delete"]
+  verbs: ["create", "delete"]
 - apiGroups: ["sagaflow.io"]
-  resources: ["workflows/status", "executions/status"]
+  resources: ["workflows/status", "executions/status", "schedules/status", "triggers/status"]
   verbs: ["patch"]
 - apiGroups: ["sagaflow.io"]
   resources: ["workflows/finalizers", "executions/finalizers"]
@@ -158,4 +159,19 @@ annotations:
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create", "patch"]
+# A webhook Trigger's HMAC or bearer secret, read by name (secretRef); never listed.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get"]
+{{- end -}}
+
+{{/* Cluster-scoped, so never in a Role: the API checks callers' tokens and asks the
+API server whether they may do what they ask. */}}
+{{- define "sagaflow.authRules" -}}
+- apiGroups: ["authentication.k8s.io"]
+  resources: ["tokenreviews"]
+  verbs: ["create"]
+- apiGroups: ["authorization.k8s.io"]
+  resources: ["subjectaccessreviews"]
+  verbs: ["create"]
 {{- end -}}

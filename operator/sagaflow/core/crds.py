@@ -1,17 +1,26 @@
 """The CustomResourceDefinitions of `sagaflow.io/v1alpha1`, derived from the manifest models.
 
-`sagaflow.core.manifests` is the one description of what a Workflow or an Execution
-may contain. This module turns those pydantic models into the two
-`apiextensions.k8s.io/v1` CRDs, so the API server rejects what local mode would reject
-and the two can never drift apart by hand. Kubernetes demands *structural* schemas,
-so the pydantic JSON Schema is rewritten: `$ref`s inlined, `anyOf [X, null]` folded
-into `X` with `nullable: true`, titles and defaults dropped (defaults would make the
-API server rewrite stored objects; the models apply them when they read), and
-free-form JSON marked `x-kubernetes-preserve-unknown-fields`. Duration strings carry
+`sagaflow.core.manifests` (Workflow, Execution) and `sagaflow.core.trigger_specs`
+(Schedule, Trigger) are the one description of what each kind may contain. This
+module turns those pydantic models into `apiextensions.k8s.io/v1` CRDs, so the API
+server rejects what local mode would reject and the two can never drift apart by hand.
+Kubernetes demands *structural* schemas, so the pydantic JSON Schema is rewritten:
+`$ref`s inlined, `anyOf [X, null]` folded into `X` with `nullable: true`, titles and
+defaults dropped (defaults would make the API server rewrite stored objects; the models
+apply them when they read), and free-form JSON marked
+`x-kubernetes-preserve-unknown-fields`. Duration strings carry
 `DURATION_PATTERN`, which the models only check in a validator.
 
-Short names are `sfwf` and `sfex`: `wf` is taken by Argo Workflows and `ex` is too
-generic to be safe in a shared cluster. `kubectl get sagaflow` lists both kinds.
+Short names are `sfwf`, `sfex`, `sfs` and `sft`: `wf` is taken by Argo Workflows and
+`ex` is too generic to be safe in a shared cluster; every one starts with `sf`.
+`kubectl get sagaflow` lists all four kinds. Cross-field rules of the models (exactly
+one of cron and interval, of a queue and a webhook) stay in their validators: the
+operator refuses such an object with the field's path.
+
+Printer columns are evaluated by kube-apiserver, which shows a cell's first match: a
+union of two fields (`.spec['cron','interval']`) shows whichever of the two is set. A
+future time is a `string` column, since a `date` column prints an age and a time to
+come has none.
 
 Pure: no I/O. `python -m sagaflow.local.crdgen` writes the files to `crds/`.
 """
@@ -33,6 +42,13 @@ from sagaflow.core.manifests import (
     WorkflowSpec,
     WorkflowStatus,
 )
+from sagaflow.core.trigger_specs import (
+    ScheduleSpec,
+    ScheduleStatus,
+    TriggerSpec,
+    TriggerStatus,
+    WebhookAuth,
+)
 
 VERSION = "v1alpha1"
 CATEGORIES = ["sagaflow"]
@@ -47,6 +63,8 @@ DURATION_FIELDS: dict[type[BaseModel], tuple[str, ...]] = {
     RetryPolicy: ("initial_interval", "max_interval"),
     StepSpec: ("timeout", "heartbeat_timeout"),
     WorkflowSpec: ("timeout",),
+    ScheduleSpec: ("interval", "catchup_window"),
+    WebhookAuth: ("max_skew",),
 }
 
 # Keys Kubernetes rejects in a structural schema or that would make it mutate objects.
@@ -155,6 +173,34 @@ _WORKFLOW_COLUMNS = [
 ]
 
 
+# kubectl shows an empty cell for a field left at its default (CRDs carry no defaults):
+# a blank Timezone is UTC, a blank Suspend or Action the model's default.
+_SCHEDULE_COLUMNS = [
+    _column("Workflow", ".spec.workflowRef.name"),
+    _column("Schedule", ".spec['cron','interval']"),
+    _column("Timezone", ".spec.timezone"),
+    _column("Suspend", ".spec.suspend", "boolean"),
+    _column("Last Schedule", ".status.lastScheduleTime", "date"),
+    _column("Next", ".status.nextScheduleTime"),
+    # The names of the runs not finished yet: the status holds names, not a count.
+    _column("Active", ".status.active"),
+    _AGE,
+]
+
+# The source is a queue or a webhook path: two columns, since a union reaching into a
+# nested field (`['queue','http.path']`) is a path to kube-apiserver but a literal key
+# to jsonpath-ng and other JSONPath readers.
+_TRIGGER_COLUMNS = [
+    _column("Workflow", ".spec.workflowRef.name"),
+    _column("Queue", ".spec.source.queue"),
+    _column("Webhook", ".spec.source.http.path"),
+    _column("Action", ".spec.action"),
+    _column("Started", ".status.started", "integer"),
+    _column("Filtered", ".status.filtered", "integer"),
+    _AGE,
+]
+
+
 def _crd(kind: str, plural: str, short_name: str, schema: Schema, columns: list[Schema]) -> Schema:
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
@@ -186,12 +232,16 @@ def _crd(kind: str, plural: str, short_name: str, schema: Schema, columns: list[
 
 
 def custom_resource_definitions() -> list[dict[str, Any]]:
-    """The Workflow and Execution CRDs, in that order."""
+    """The Workflow, Execution, Schedule and Trigger CRDs, in that order."""
     workflow = _resource_schema(model_schema(WorkflowSpec), model_schema(WorkflowStatus))
     execution = _resource_schema(model_schema(ExecutionSpec), model_schema(ExecutionStatus))
+    schedule = _resource_schema(model_schema(ScheduleSpec), model_schema(ScheduleStatus))
+    trigger = _resource_schema(model_schema(TriggerSpec), model_schema(TriggerStatus))
     return [
         _crd("Workflow", "workflows", "sfwf", workflow, _WORKFLOW_COLUMNS),
         _crd("Execution", "executions", "sfex", execution, _EXECUTION_COLUMNS),
+        _crd("Schedule", "schedules", "sfs", schedule, _SCHEDULE_COLUMNS),
+        _crd("Trigger", "triggers", "sft", trigger, _TRIGGER_COLUMNS),
     ]
 
 

@@ -3,8 +3,9 @@ and to the Helm chart's `charts/sagaflow/crds/`, which ships the same files.
 
 The CRDs themselves are built by the pure `sagaflow.core.crds`; this module owns only
 the file writing, which the core may not do. REPO_ROOT defaults to the current
-directory. Run it after any change to `sagaflow.core.manifests`; the drift test in
-`tests/core/test_crds.py` fails until the files match.
+directory. Run it after any change to `sagaflow.core.manifests` or
+`sagaflow.core.trigger_specs`; the drift test in `tests/core/test_crds.py` fails until
+the files match.
 """
 
 from __future__ import annotations
