@@ -44,11 +44,14 @@ log = logging.getLogger("sagaflow.api")
 Report = Callable[[str, str, str, str, str], Awaitable[None] | None]
 
 
+FILE_UID = "file-"
+
+
 def file_uid(kind: str, namespace: str, name: str) -> str:
     """A stable uid for a Schedule or Trigger read from a file: its keys (and so which
     ticks and messages have started runs) survive a restart of the server."""
     digest = hashlib.sha256(f"{kind}/{namespace}/{name}".encode()).hexdigest()
-    return f"file-{digest[:24]}"
+    return f"{FILE_UID}{digest[:24]}"
 
 
 @dataclass
@@ -58,6 +61,7 @@ class Hosted:
     schedules: Sequence[Schedule] = ()
     triggers: Sequence[Trigger] = ()
     secrets: Sequence[dict[str, Any]] = ()
+    from_files: bool = False  # the server's: schedules of earlier files not given are dropped
 
 
 @dataclass
@@ -132,10 +136,17 @@ async def host(
         triggers.put(
             meta.namespace, meta.name, file_uid("Trigger", meta.namespace, meta.name), t.spec
         )
+    kept = set()
     for sch in hosted.schedules:
         meta = sch.metadata
         uid = file_uid("Schedule", meta.namespace, meta.name)
         await schedules.put(meta.namespace, meta.name, uid, sch.spec)
+        kept.add((meta.namespace, meta.name))
+    if hosted.from_files:  # a Schedule taken out of the files no longer fires
+        for obj in await schedules.list_objects(None):
+            meta = obj["metadata"]
+            if meta["uid"].startswith(FILE_UID) and (meta["namespace"], meta["name"]) not in kept:
+                await schedules.remove(meta["namespace"], meta["name"])
     service = DirectService(o, schedules=schedules.list_objects, starter=starter)
     if authorizer is None:
         authorizer = file_or_loopback(settings.api_tokens_file)

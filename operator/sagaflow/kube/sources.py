@@ -7,10 +7,11 @@ consume its queue, the API answers its webhook. A deletion takes it out again. A
 invalid spec is not served: a Warning Event and a `Ready=False` condition say why,
 and the next change is checked again.
 
-The delete handlers are optional (no finalizer): a Schedule or Trigger deleted while
-the operator is down stops being served when the operator next starts, since only
-objects that exist are handed in then; the runs it started are owner-referenced to
-it and the garbage collector removes them.
+The delete handlers are optional (no finalizer). A Trigger deleted while the operator
+is down is not served when it next starts (only objects that exist are handed in);
+a Schedule's row is in Postgres, so the status pass (`sync_statuses`) removes the row
+of a Schedule whose object is gone or was re-created. The runs either started are
+owner-referenced to it, and the garbage collector removes them with it.
 """
 
 from __future__ import annotations
@@ -154,6 +155,10 @@ async def sync_statuses(
     while not stop.is_set():
         try:
             for namespace, source, status in await sources.statuses():
+                if source.kind == "schedule" and not await _exists(kube, namespace, source):
+                    # Deleted while no operator watched: its row outlived it.
+                    await sources.remove_schedule(namespace, source.name)
+                    continue
                 key = (source.kind, namespace, source.name, source.uid)
                 body = status.model_dump(mode="json", by_alias=True)
                 if written.get(key) != body:
@@ -163,3 +168,8 @@ async def sync_statuses(
             log.warning("writing Schedule and Trigger statuses: %s", describe(exc))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), every)
+
+
+async def _exists(kube: KubeApi, namespace: str, source: Source) -> bool:
+    body = await kube.get(SCHEDULES, namespace, source.name)
+    return body is not None and body["metadata"].get("uid") == source.uid

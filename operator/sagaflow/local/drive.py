@@ -92,6 +92,26 @@ class Interrupts:
         self._err.flush()
 
 
+def runner_worker(
+    o: Orchestrator, bus: Bus, registry: Registry, claim_check: ClaimCheck, settings: Settings
+) -> RunnerWorker | None:
+    """The in-process runners of `registry` (None without handlers), checking each
+    command against the state of `o` before running it."""
+    if not len(registry):
+        return None
+    return RunnerWorker(
+        bus,
+        registry,
+        concurrency=settings.runner_concurrency,
+        claim_check=claim_check,
+        check_attempts=attempt_check(o.pool),
+        outages=o.outages,
+        grace_period=settings.grace_period_seconds,
+        loop_block_seconds=settings.loop_block_seconds,
+        suspect_alone_seconds=settings.suspect_alone_seconds,
+    )
+
+
 async def drive(
     orchestrator: Orchestrator,
     bus: Bus,
@@ -108,19 +128,8 @@ async def drive(
     loops_stop, worker_stop = asyncio.Event(), asyncio.Event()
     loops = asyncio.create_task(orchestrator.run(loops_stop, dsn), name="orchestrator")
     tasks = [loops]
-    worker: RunnerWorker | None = None
-    if len(registry):
-        worker = RunnerWorker(
-            bus,
-            registry,
-            concurrency=settings.runner_concurrency,
-            claim_check=claim_check,
-            check_attempts=attempt_check(orchestrator.pool),
-            outages=orchestrator.outages,
-            grace_period=settings.grace_period_seconds,
-            loop_block_seconds=settings.loop_block_seconds,
-            suspect_alone_seconds=settings.suspect_alone_seconds,
-        )
+    worker = runner_worker(orchestrator, bus, registry, claim_check, settings)
+    if worker is not None:
         tasks.append(asyncio.create_task(worker.run(worker_stop), name="runner"))
     view = RunView(dsn)
     starter = asyncio.create_task(

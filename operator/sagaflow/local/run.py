@@ -32,7 +32,7 @@ from typing import TextIO
 
 from sagaflow.adapters.postgres import reads
 from sagaflow.core.definition import BUILTIN_TYPES
-from sagaflow.core.manifests import ExecutionPhase, WorkflowSpec
+from sagaflow.core.manifests import Execution, ExecutionPhase, WorkflowSpec
 from sagaflow.core.messages import EVENTS_QUEUE, commands_queue
 from sagaflow.core.state import ExecutionState
 from sagaflow.core.validation import Document, ManifestError
@@ -59,6 +59,20 @@ def load_runners(specs: Sequence[str]) -> Registry:
         except (ImportError, ValueError, SyntaxError, TypeError) as exc:
             raise InvalidInputError([f"--runners {spec}: {exc}"]) from exc
     return default_registry
+
+
+def start_request_of(e: Execution) -> StartRequest:
+    """An Execution of a file as a start request (its control fields applied once)."""
+    return StartRequest(
+        e.metadata.namespace,
+        e.metadata.name,
+        e.spec.workflow_ref.name,
+        e.spec.input,
+        suspend=e.spec.suspend,
+        cancel=e.spec.cancel,
+        skip_compensation=e.spec.skip_compensation,
+        correlation_key=e.spec.correlation_key,
+    )
 
 
 @contextlib.contextmanager
@@ -96,19 +110,7 @@ async def run_local(
         workflows = [
             (wf.metadata.namespace, wf.metadata.name, wf.spec) for _, wf in manifests.workflows
         ]
-        requests = [
-            StartRequest(
-                e.metadata.namespace,
-                e.metadata.name,
-                e.spec.workflow_ref.name,
-                e.spec.input,
-                suspend=e.spec.suspend,
-                cancel=e.spec.cancel,
-                skip_compensation=e.spec.skip_compensation,
-                correlation_key=e.spec.correlation_key,
-            )
-            for _, e in manifests.executions
-        ]
+        requests = [start_request_of(e) for _, e in manifests.executions]
         # Where each keyed Execution came from, to name it if its key is refused.
         origins |= {
             (e.metadata.namespace, e.metadata.name): doc
@@ -124,7 +126,7 @@ async def run_local(
                     refused = await correlation_conflicts(w.orchestrator, requests)
                     if refused:
                         raise InvalidInputError([_where(origins, c) for c in refused])
-                    await w.bus.prepare(send=_command_queues(workflows), receive=[EVENTS_QUEUE])
+                    await w.bus.prepare(send=command_queues(workflows), receive=[EVENTS_QUEUE])
                     ids = await drive(
                         w.orchestrator,
                         w.bus,
@@ -167,7 +169,7 @@ def _where(origins: dict[tuple[str, str], Document], refused: CorrelationKeyInUs
     return str(ManifestError(doc.source, doc.index, "Execution", r.name, path, refused.reason))
 
 
-def _command_queues(workflows: Sequence[tuple[str, str, WorkflowSpec]]) -> list[str]:
+def command_queues(workflows: Sequence[tuple[str, str, WorkflowSpec]]) -> list[str]:
     """The queues the files' step types (forward and compensating) are sent to."""
     steps = [s for _, _, spec in workflows for s in (*spec.steps, *spec.finally_steps)]
     types = {s.type for s in steps if s.type is not None}

@@ -36,19 +36,23 @@ from sagaflow.core.definition import BUILTIN_TYPES
 from sagaflow.core.messages import EVENTS_QUEUE
 from sagaflow.core.trigger_specs import Schedule, Trigger
 from sagaflow.core.validation import Document, parse_documents, validate_documents
-from sagaflow.local.drive import Interrupts
-from sagaflow.local.run import EXIT_INVALID, _command_queues, exclusive, load_runners
+from sagaflow.local.drive import Interrupts, runner_worker
+from sagaflow.local.run import (
+    EXIT_INVALID,
+    command_queues,
+    exclusive,
+    load_runners,
+    start_request_of,
+)
 from sagaflow.runtime import admission
 from sagaflow.runtime.orchestrator import Orchestrator
 from sagaflow.runtime.startpath import DirectLauncher
 from sagaflow.runtime.starts import CorrelationKeyInUseError, StartRequest
 from sagaflow.runtime.worker import RunnerWorker
 from sagaflow.settings import Settings
-from sagaflow.wiring.checks import attempt_check
 from sagaflow.wiring.database import GaveUpWaiting
 from sagaflow.wiring.orchestrators import open_orchestrator
 from sagaflow.wiring.problems import InvalidInputError
-from sagaflow_runner import Registry
 
 log = logging.getLogger("sagaflow.server")
 
@@ -93,17 +97,7 @@ def load_server_manifests(paths: Sequence[Path], registry: Any) -> Manifests:
         raise InvalidInputError(problems)
     return Manifests(
         workflows=[(w.metadata.namespace, w.metadata.name, w.spec) for _, w in result.workflows],
-        executions=[
-            StartRequest(
-                e.metadata.namespace,
-                e.metadata.name,
-                e.spec.workflow_ref.name,
-                e.spec.input,
-                suspend=e.spec.suspend,
-                correlation_key=e.spec.correlation_key,
-            )
-            for _, e in result.executions
-        ],
+        executions=[start_request_of(e) for _, e in result.executions],
         schedules=[s for _, s in result.schedules],
         triggers=[t for _, t in result.triggers],
         secrets=secrets,
@@ -129,11 +123,11 @@ async def run_server(
                     for namespace, name, spec in manifests.workflows:
                         await o.apply_workflow(namespace, name, spec)
                     await w.bus.prepare(
-                        send=_command_queues(manifests.workflows), receive=[EVENTS_QUEUE]
+                        send=command_queues(manifests.workflows), receive=[EVENTS_QUEUE]
                     )
                     if manifests.executions:
                         await o.start_many(manifests.executions)
-                    worker = _worker(o, w.bus, registry, w.claim_check, settings)
+                    worker = runner_worker(o, w.bus, registry, w.claim_check, settings)
                     await _serve(o, w.db.dsn, worker, manifests, settings, interrupts, err)
             except GaveUpWaiting:
                 pass
@@ -149,24 +143,6 @@ async def run_server(
     with contextlib.suppress(Exception):
         err.flush()
     return 0 if interrupts.code is None else interrupts.code
-
-
-def _worker(
-    o: Orchestrator, bus: Any, registry: Registry, claim_check: Any, settings: Settings
-) -> RunnerWorker | None:
-    if not len(registry):
-        return None
-    return RunnerWorker(
-        bus,
-        registry,
-        concurrency=settings.runner_concurrency,
-        claim_check=claim_check,
-        check_attempts=attempt_check(o.pool),
-        outages=o.outages,
-        grace_period=settings.grace_period_seconds,
-        loop_block_seconds=settings.loop_block_seconds,
-        suspect_alone_seconds=settings.suspect_alone_seconds,
-    )
 
 
 async def _serve(
@@ -186,7 +162,10 @@ async def _serve(
         tasks.append(asyncio.create_task(worker.run(worker_stop), name="runner"))
     tasks.append(asyncio.create_task(admission.sweep_every(o, sweeps_stop), name="admission"))
     hosted = Hosted(
-        schedules=manifests.schedules, triggers=manifests.triggers, secrets=manifests.secrets
+        schedules=manifests.schedules,
+        triggers=manifests.triggers,
+        secrets=manifests.secrets,
+        from_files=True,
     )
     try:
         async with host(o, DirectLauncher(o), hosted, settings) as serving:
