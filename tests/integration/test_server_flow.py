@@ -115,6 +115,11 @@ def test_start_by_http_signal_and_watch_it_complete(server: tuple[str, Path]) ->
     table = sagaflow("get", "executions", env=env)
     rows = {line.split()[0]: line.split()[2] for line in table.stdout.splitlines()[1:]}
     assert rows["expense-2001"] == "Completed" and "expense-1042" in rows
+    waited = sagaflow(
+        "start", "daily-report", "--input", '{"day": "2026-12-01"}', "--wait", "60s", env=env
+    )
+    assert waited.returncode == 0, waited.stderr
+    assert waited.stdout.splitlines()[-1].endswith(": Completed")
     schedules = sagaflow("get", "schedules", env=env)
     row = schedules.stdout.splitlines()[1]
     assert row.split()[:2] == ["nightly-report", "daily-report"], schedules.stdout
