@@ -494,14 +494,19 @@ ENVELOPE_AND_FIELD_CASES: list[tuple[str, dict[str, Any], Problems]] = [
     (
         "unknown kind",
         broken(workflow_body(step("a")), _set(["kind"], "ConfigMap")),
-        [("kind", "unsupported kind 'ConfigMap'; accepted: Workflow, Execution")],
+        [
+            (
+                "kind",
+                "unsupported kind 'ConfigMap'; accepted: Workflow, Execution, Schedule, Trigger",
+            )
+        ],
     ),
     (
         "missing kind and apiVersion",
         {"metadata": {"name": "x"}},
         [
             ("apiVersion", "unsupported apiVersion None; accepted: sagaflow.io/v1alpha1"),
-            ("kind", "unsupported kind None; accepted: Workflow, Execution"),
+            ("kind", "unsupported kind None; accepted: Workflow, Execution, Schedule, Trigger"),
         ],
     ),
     (
@@ -710,7 +715,7 @@ def test_errors_are_grouped_in_document_order() -> None:
             "duplicate Workflow 'default/order'; first defined in m.yaml document 1",
         ),
         (4, "apiVersion", "unsupported apiVersion None; accepted: sagaflow.io/v1alpha1"),
-        (4, "kind", "unsupported kind 'Secret'; accepted: Workflow, Execution"),
+        (4, "kind", "unsupported kind 'Secret'; accepted: Workflow, Execution, Schedule, Trigger"),
     ]
     assert [(e.kind, e.name) for e in result.errors] == [
         ("Workflow", "order"),

@@ -101,3 +101,15 @@ def test_bad_input_names_the_flag_and_exits_2(state_dir: Path, tmp_path: Path) -
     assert gone.returncode == 2 and "ghost" in gone.stderr
     phase = sagaflow("get", "executions", "--phase", "Sleeping", *s)
     assert phase.returncode == 2 and "phase" in phase.stderr
+
+
+def test_run_refuses_schedules_and_triggers_naming_the_document(
+    state_dir: Path,  # noqa: F811
+) -> None:
+    triggers = SAMPLE.parent / "triggers" / "triggers.yaml"
+    run = sagaflow("run", "-f", triggers, "--state-dir", state_dir)
+    assert run.returncode == 2
+    assert (
+        f"{triggers}: document 2 (Schedule nightly-report): kind: served by `sagaflow server`"
+        in (run.stderr)
+    ), run.stderr

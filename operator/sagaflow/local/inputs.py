@@ -20,6 +20,8 @@ from sagaflow.wiring.problems import InvalidInputError
 
 __all__ = ["InvalidInputError", "load_manifests"]
 
+_SERVED = "served by `sagaflow server` (or the operator), which keeps going; not by `sagaflow run`"
+
 
 def load_manifests(paths: Sequence[Path], is_known_type: Callable[[str], bool]) -> ValidationResult:
     documents: list[Document] = []
@@ -38,6 +40,12 @@ def load_manifests(paths: Sequence[Path], is_known_type: Callable[[str], bool]) 
         errors.extend(errs)
     result = validate_documents(documents, is_known_type)
     problems.extend(str(e) for e in [*errors, *result.errors])
+    # They start runs over time: `sagaflow run` ends when its runs do.
+    problems.extend(
+        str(ManifestError(doc.source, doc.index, kind, model.metadata.name, "kind", _SERVED))
+        for kind, found in (("Schedule", result.schedules), ("Trigger", result.triggers))
+        for doc, model in found
+    )
     if not problems and not result.executions:
         problems.append("no Execution found in the given files: nothing to run")
     if problems:
