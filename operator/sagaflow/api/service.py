@@ -46,13 +46,20 @@ ScheduleLister = Callable[[str], Awaitable[list[dict[str, Any]]]]
 Starter = Callable[[StartCall], Awaitable[Started]]
 
 
-def control_fact(verb: str, *, latest: bool = False, steps: Sequence[str] = ()) -> Control:
+def control_fact(
+    verb: str,
+    *,
+    latest: bool = False,
+    steps: Sequence[str] = (),
+    reason: str = "cancelled on request",
+) -> Control:
+    """The control request a verb names (`reason`: a cancel's, in the history)."""
     if verb == "suspend":
         return Suspend()
     if verb == "resume":
         return Resume()
     if verb == "cancel":
-        return Cancel("cancelled on request")
+        return Cancel(reason)
     if verb == "redrive":
         return Redrive(to_latest=latest)
     if verb == "skip-compensation":

@@ -25,7 +25,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-from sagaflow.core.facts import Cancel, Control, Redrive, Resume, SkipCompensation, Suspend
+from sagaflow.api.service import control_fact
+from sagaflow.core.facts import Control, SkipCompensation
 from sagaflow.core.jsonsafe import unstorable
 from sagaflow.core.manifests import WorkflowSpec
 from sagaflow.core.messages import SignalMessage
@@ -43,15 +44,8 @@ VERBS = ("suspend", "resume", "cancel", "redrive", "skip-compensation")
 
 
 def request_of(verb: str, *, latest: bool = False, steps: Sequence[str] = ()) -> Control:
-    if verb == "suspend":
-        return Suspend()
-    if verb == "resume":
-        return Resume()
-    if verb == "cancel":
-        return Cancel("cancelled with sagaflow cancel")
-    if verb == "redrive":
-        return Redrive(to_latest=latest)
-    return SkipCompensation(tuple(steps))
+    reason = "cancelled with sagaflow cancel"
+    return control_fact(verb, latest=latest, steps=steps, reason=reason)
 
 
 async def run_control(
