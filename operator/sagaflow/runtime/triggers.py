@@ -277,6 +277,8 @@ class QueueTriggers:
         self._triggers, self._bus = triggers, bus
         self._batch_size, self._idle_wait, self._retry_delay = batch_size, idle_wait, retry_delay
         self._consumers: dict[tuple[str, str], _Consumer] = {}
+        # Consumers taken off mid-pass: they settle what they received; `run` waits.
+        self._retiring: list[_Consumer] = []
 
     def consuming(self) -> dict[tuple[str, str], str]:
         """The Triggers `run` consumes now, (namespace, name) -> queue."""
@@ -328,8 +330,9 @@ class QueueTriggers:
             await stop.wait()
         finally:
             self._triggers.watch(self._follow, stop=True)
-            consumers = list(self._consumers.values())
+            consumers = [*self._consumers.values(), *self._retiring]
             self._consumers.clear()
+            self._retiring.clear()
             for c in consumers:
                 c.stop()
             await asyncio.gather(*(c.task for c in consumers if c.task), return_exceptions=True)
@@ -345,6 +348,8 @@ class QueueTriggers:
             if wanted.get(key) != c.queue:
                 c.stop()
                 del self._consumers[key]
+                self._retiring = [r for r in self._retiring if r.task and not r.task.done()]
+                self._retiring.append(c)
         for key, queue in wanted.items():
             if key not in self._consumers:
                 c = self._consumers[key] = _Consumer(queue)
