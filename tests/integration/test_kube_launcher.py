@@ -33,6 +33,7 @@ from tests.support.kube import (
 from tests.support.kubectl import Kubectl
 
 from sagaflow.core.trigger_specs import ScheduleStatus, TriggerStatus
+from sagaflow.kube.api import ClientKubeApi
 from sagaflow.kube.launcher import (
     CANCEL_REASON,
     IDEMPOTENCY_HASH_LABEL,
@@ -40,7 +41,6 @@ from sagaflow.kube.launcher import (
     REQUEST_HASH,
     SCHEDULE_LABEL,
     TRIGGER_LABEL,
-    ClientLauncherApi,
     KubeLauncher,
     execution_body,
     idempotency_hash,
@@ -66,7 +66,7 @@ Body = dict[str, Any]
 class Cluster:
     api: ApiServer
     client: KubeClient
-    kube: ClientLauncherApi
+    kube: ClientKubeApi
     launcher: KubeLauncher
 
     def execution(self, name: str) -> Body:
@@ -115,7 +115,7 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
             config_file=str(write_kubeconfig(tmp_path, api.url, NS)),
             client_configuration=config,
         )
-        kube = ClientLauncherApi(kubernetes.client.ApiClient(configuration=config))
+        kube = ClientKubeApi(kubernetes.client.ApiClient(configuration=config))
         for name in ("nightly-report", "order"):
             await client.create(WORKFLOWS, NS, workflow(name))
         yield Cluster(api, client, kube, KubeLauncher(kube))

@@ -153,6 +153,36 @@ class ClientKubeApi:
             raise
         return True
 
+    async def list(self, plural: str, namespace: str, *, label_selector: str) -> list[Body]:
+        response = await self._call(
+            self._custom.list_namespaced_custom_object,
+            API_GROUP,
+            VERSION,
+            namespace,
+            plural,
+            label_selector=label_selector,
+        )
+        items: list[Body] = json.loads(response.data).get("items") or []
+        return items
+
+    async def patch(self, plural: str, namespace: str, name: str, patch: Body) -> bool:
+        try:
+            # A dict body is sent as application/merge-patch+json.
+            await self._call(
+                self._custom.patch_namespaced_custom_object,
+                API_GROUP,
+                VERSION,
+                namespace,
+                plural,
+                name,
+                patch,
+            )
+        except kubernetes.client.ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
     async def delete(self, plural: str, namespace: str, name: str, *, uid: str) -> None:
         try:
             await self._call(

@@ -32,11 +32,11 @@ from sagaflow.api.auth import TokensFileError
 from sagaflow.api.contract import Started
 from sagaflow.api.hosting import Hosted, Serving, host
 from sagaflow.api.server import ServeError
-from sagaflow.kube.api import EXECUTIONS, load_client_config
+from sagaflow.kube.api import EXECUTIONS, ClientKubeApi, load_client_config
 from sagaflow.kube.auth import ClientReviews, KubeAuthorizer, Reviews
 from sagaflow.kube.handlers import HandlerContext, build_registry
 from sagaflow.kube.health import HealthServer, loops_alive
-from sagaflow.kube.launcher import ClientLauncherApi, KubeLauncher, LauncherApi
+from sagaflow.kube.launcher import KubeLauncher, LauncherApi
 from sagaflow.kube.mirror import StatusMirror
 from sagaflow.kube.secrets import KubeSecrets
 from sagaflow.kube.sources import register_sources, report_event, sync_statuses
@@ -107,7 +107,7 @@ async def run_operator(
                     batch_size=settings.batch_size,
                     claim_check=claim_check,
                 )
-                kube = api or ClientLauncherApi(load_client_config())
+                kube = api or ClientKubeApi(load_client_config())
                 mirror = StatusMirror(
                     db.pool,
                     kube,

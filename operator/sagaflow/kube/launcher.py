@@ -18,32 +18,28 @@ what is there (same request: the run that exists; a different one: refused). Two
 calls with one key and two different names at the same moment can both create an
 object; the start path in Postgres refuses the second run then, under the same key.
 
-`ClientLauncherApi` adds the two calls `KubeApi` lacks (a list by label, a merge patch
-of the main object) over the same client. Posting Events about a Schedule or Trigger
-and writing their status are here too, so the operator's wiring needs one module.
+`LauncherApi` is the `KubeApi` with the two calls a launcher needs besides (a list by
+label, a merge patch of the main object); `ClientKubeApi` serves both. Posting Events
+about a Schedule or Trigger and writing their status are here too, so the operator's
+wiring needs one module.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
-import kubernetes
-
 from sagaflow.core.manifests import API_GROUP, API_VERSION, ExecutionPhase
 from sagaflow.core.status import clip
 from sagaflow.core.trigger_specs import ScheduleStatus, TriggerStatus
 from sagaflow.kube.api import (
     EXECUTIONS,
-    VERSION,
     WORKFLOWS,
     Body,
-    ClientKubeApi,
     ConflictError,
     KubeApi,
 )
@@ -99,40 +95,6 @@ class LauncherApi(KubeApi, Protocol):
 
     async def patch(self, plural: str, namespace: str, name: str, patch: Body) -> bool:
         """Merge-patch the object (not its status); False when it does not exist."""
-
-
-class ClientLauncherApi(ClientKubeApi):
-    """`ClientKubeApi` with a list by label and a merge patch of the main object."""
-
-    async def list(self, plural: str, namespace: str, *, label_selector: str) -> list[Body]:
-        response = await self._call(
-            self._custom.list_namespaced_custom_object,
-            API_GROUP,
-            VERSION,
-            namespace,
-            plural,
-            label_selector=label_selector,
-        )
-        items: list[Body] = json.loads(response.data).get("items") or []
-        return items
-
-    async def patch(self, plural: str, namespace: str, name: str, patch: Body) -> bool:
-        try:
-            # A dict body is sent as application/merge-patch+json.
-            await self._call(
-                self._custom.patch_namespaced_custom_object,
-                API_GROUP,
-                VERSION,
-                namespace,
-                plural,
-                name,
-                patch,
-            )
-        except kubernetes.client.ApiException as exc:
-            if exc.status == 404:
-                return False
-            raise
-        return True
 
 
 def label_value(name: str) -> str:
