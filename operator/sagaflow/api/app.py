@@ -33,6 +33,7 @@ from sagaflow.api import openapi
 from sagaflow.api.auth import Authorizer, Principal, Verb, bearer_token
 from sagaflow.api.contract import ApiError, Outcome, Sagaflow, bad_request
 from sagaflow.runtime.startpath import Source, StartCall
+from sagaflow.telemetry import metrics
 
 log = logging.getLogger("sagaflow.api")
 
@@ -312,10 +313,17 @@ def make_app(
     async def openapi_json(_: web.Request) -> web.Response:
         return web.json_response(document)
 
+    async def metrics_text(_: web.Request) -> web.Response:
+        # Open like /healthz: Prometheus scrapes without a token, and the series name
+        # namespaces and workflows, never a run or its data.
+        body = metrics.exposition()
+        return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE_LATEST})
+
     ns = openapi.NS
     add = app.router
     add.add_get("/healthz", healthz)
     add.add_get("/openapi.json", openapi_json)
+    add.add_get("/metrics", metrics_text)
     add.add_get(f"{ns}/workflows", routes.list_workflows)
     add.add_post(f"{ns}/workflows/{{wf}}/executions", routes.start)
     add.add_get(f"{ns}/executions", routes.list_executions)
