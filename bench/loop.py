@@ -13,25 +13,33 @@ the events queue (or every queue) session-enabled, for comparison. Prints:
   command being receivable (the commit of the transaction that applied the result);
 - a pgbench baseline of the same server: commits/s of a one-row insert.
 
+- with `--tracing`, spans exported over OTLP/HTTP, by the orchestrator here and the
+  runner process, to a sink in this process that answers every export at once: the
+  cost of tracing on, against the same run without it.
+
     python bench/loop.py --executions 200 --steps 10
     python bench/loop.py --executions 200 --steps 10 --bus servicebus
+    python bench/loop.py --executions 1000 --steps 10 --tracing
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import http.server
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
+from opentelemetry import trace
 
 from sagaflow.adapters.postgres.bus import PostgresBus
 from sagaflow.adapters.postgres.embedded import EmbeddedPostgres, pg_bin_dir
@@ -42,6 +50,7 @@ from sagaflow.core.messages import EVENTS_QUEUE, StepResult, commands_queue
 from sagaflow.core.ports import Bus, ReceivedMessage
 from sagaflow.runtime.orchestrator import Orchestrator
 from sagaflow.settings import Settings
+from sagaflow.telemetry import tracing
 from sagaflow.wiring.buses import make_bus
 from sagaflow.wiring.payloads import make_claim_check
 
@@ -193,6 +202,32 @@ def pgbench(dsn_dir: Path, seconds: int) -> None:
     print(f"pgbench baseline (one-row insert, 4 clients, {seconds}s): {tps[0] if tps else out}")
 
 
+class _Sink(http.server.BaseHTTPRequestHandler):
+    """An OTLP/HTTP collector that keeps nothing: counts exports and their bytes."""
+
+    exports = 0
+    received = 0
+
+    def do_POST(self) -> None:
+        size = int(self.headers.get("Content-Length", "0"))
+        self.rfile.read(size)
+        type(self).exports += 1
+        type(self).received += size
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def start_sink() -> http.server.ThreadingHTTPServer:
+    sink = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
+    threading.Thread(target=sink.serve_forever, daemon=True).start()
+    return sink
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--executions", type=int, default=200)
@@ -201,7 +236,13 @@ def main() -> None:
     parser.add_argument("--pgbench-seconds", type=int, default=10)
     parser.add_argument("--bus", choices=["postgres", "servicebus"])
     parser.add_argument("--sessions", choices=["none", "events", "all"], default="none")
+    parser.add_argument("--tracing", action="store_true", help="export spans over OTLP/HTTP")
     args = parser.parse_args()
+    sink = None
+    if args.tracing:
+        sink = start_sink()
+        os.environ["SAGAFLOW_OTLP_ENDPOINT"] = f"http://127.0.0.1:{sink.server_port}"
+        tracing.configure(Settings())
     if args.bus:
         os.environ["SAGAFLOW_BUS"] = args.bus
     peer = None
@@ -212,6 +253,9 @@ def main() -> None:
         os.environ["SAGAFLOW_SERVICEBUS_CONNECTION_STRING"] = connection
     try:
         bench(args)
+        if sink is not None:
+            trace.get_tracer_provider().force_flush()  # type: ignore[attr-defined]
+            print(f"tracing: {_Sink.exports} OTLP exports, {_Sink.received:,} bytes")
     finally:
         if peer is not None:
             peer.terminate()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 from sagaflow.core.durations import parse_duration
 from sagaflow.core.ports import BusSetupError
 from sagaflow.settings import Settings, SettingsError, load_settings
+from sagaflow.telemetry import logs, tracing
 
 DEFAULT_STATE_DIR = Path(".sagaflow")
 
@@ -202,9 +202,14 @@ def _client_parsers(sub: Any) -> None:
     describe.add_argument("resource", choices=("execution",))
     describe.add_argument("name", metavar="NAME")
     _client_options(describe)
-    history = sub.add_parser("history", help="an execution's history, oldest first")
+    history = sub.add_parser("history", help="an execution's timeline, or its state at --at")
     history.add_argument("name", metavar="NAME")
     history.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
+    history.add_argument(
+        "--at",
+        metavar="TIME",
+        help="the state at this instant (RFC 3339, e.g. 2024-05-01T12:00:00Z, or now)",
+    )
     _client_options(history)
 
 
@@ -276,6 +281,10 @@ def _control_parsers(sub: Any) -> None:
             )
 
 
+# The long-running commands, whose spans go to `SAGAFLOW_OTLP_ENDPOINT` when it is set.
+_TRACED = ("operator", "server", "run", "runner")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -283,9 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(settings.log_level, settings.log_format)
     try:
         return _dispatch(args, settings)
     except BusSetupError as exc:
@@ -294,6 +301,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    if args.command in _TRACED:
+        tracing.configure(settings)
     if hasattr(args, "server"):
         args.server = args.server or settings.server
         token = settings.server_token.get_secret_value() if settings.server_token else None

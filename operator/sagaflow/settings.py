@@ -62,6 +62,19 @@ class Settings(BaseSettings):
     # An async handler holding the event loop longer than this is reported by step name.
     loop_block_seconds: float = Field(default=1.0, gt=0, le=3600)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
+    # `json`: one JSON object a line, with execution, step, attempt and trace ids, for a
+    # log pipeline; `plain` (the default) reads well in a terminal.
+    log_format: Literal["plain", "json"] = "plain"
+    # Seconds between samples of the database gauges (backlogs, phases); 0 samples none.
+    metrics_interval: float = Field(default=15.0, ge=0, le=3600)
+    # `sagaflow runner`: port of its own /metrics; 0 serves none. The operator and the
+    # server serve /metrics on the API port.
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+    metrics_host: str = Field(
+        default="0.0.0.0",  # noqa: S104 - a scrape target, reached from outside the pod
+        min_length=1,
+        pattern=r"^[A-Za-z0-9.:\-\[\]%]+$",
+    )
     # The CLI verbs' server (`--server`): a `sagaflow server` or an operator's API URL,
     # and the bearer token they send. Unset: the verbs open the state themselves.
     server: str | None = Field(default=None, pattern=r"^https?://[^\s]+$")
@@ -95,6 +108,10 @@ class Settings(BaseSettings):
     mirror_poll_seconds: float = Field(default=2.0, gt=0, le=300)
     # How long an Execution whose Workflow has no valid version waits between checks.
     workflow_wait_seconds: float = Field(default=5.0, gt=0, le=3600)
+    # OTLP/HTTP collector base URL (http://collector:4318): set, spans are exported there;
+    # unset, tracing is OpenTelemetry's no-op API and costs next to nothing.
+    otlp_endpoint: str | None = Field(default=None, pattern=r"^https?://[^\s]+$")
+    otlp_service_name: str = Field(default="sagaflow", min_length=1, max_length=200)
 
     @property
     def namespaces(self) -> list[str]:

@@ -315,6 +315,7 @@ class FakeSession:
                     m.enqueued_at,
                     m.lock_token,
                     raw=m,
+                    headers=wire.headers,
                 )
             )
         return got

@@ -30,10 +30,12 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from sagaflow.api import openapi
+from sagaflow.api import web as web_view
 from sagaflow.api.auth import Authorizer, Principal, Verb, bearer_token
 from sagaflow.api.contract import ApiError, Outcome, Sagaflow, bad_request
+from sagaflow.core import replay
 from sagaflow.runtime.startpath import Source, StartCall
-from sagaflow.telemetry import metrics
+from sagaflow.telemetry import metrics, tracing
 
 log = logging.getLogger("sagaflow.api")
 
@@ -127,7 +129,8 @@ class _Routes:
             _typed(body, "correlationKey", str, "a string"),
             source=Source("api", principal.name),
         )
-        started = await self.service.start(call)
+        with tracing.incoming(request.headers):  # a `traceparent` header: the run's parent
+            started = await self.service.start(call)
         return web.json_response(
             {"execution": started.execution}, status=201 if started.created else 200
         )
@@ -143,6 +146,18 @@ class _Routes:
         _query(request, ())
         rows = await self.service.history(namespace, request.match_info["name"])
         return web.json_response({"items": rows})
+
+    async def state_at(self, request: web.Request) -> web.Response:
+        namespace, _ = await self._caller(request, "get")
+        query = _query(request, ("at",))
+        if "at" not in query:
+            raise bad_request("query parameter 'at' is required: an RFC 3339 time", "at")
+        try:
+            at = replay.parse_instant(query["at"])
+        except ValueError as exc:
+            raise bad_request(f"at: {exc}", "at") from None
+        name = request.match_info["name"]
+        return web.json_response(await self.service.state_at(namespace, name, at))
 
     async def list_executions(self, request: web.Request) -> web.Response:
         namespace, _ = await self._caller(request, "get")
@@ -332,9 +347,11 @@ def make_app(
         add.add_post(f"{ns}/executions/{{name}}:{action}", routes.control(action))
     add.add_get(f"{ns}/executions/{{name}}", routes.get_execution)
     add.add_get(f"{ns}/executions/{{name}}/history", routes.history)
+    add.add_get(f"{ns}/executions/{{name}}/state", routes.state_at)
     add.add_post(f"{ns}/executions/{{name}}/signals/{{signal}}", routes.signal)
     add.add_get(f"{ns}/schedules", routes.list_schedules)
     add.add_post(f"{ns}/webhooks/{{path}}", routes.webhook)
+    web_view.add_routes(app)  # the pages read the routes above, with the same auth
     return app
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -101,6 +102,13 @@ class HttpClient:
         payload = await self._call("GET", _execution(namespace, name) + "/history")
         rows: list[dict[str, Any]] = payload["items"]
         return rows
+
+    async def state_at(self, namespace: str, name: str, at: datetime) -> dict[str, Any]:
+        params = {"at": at.isoformat()}
+        found: dict[str, Any] = await self._call(
+            "GET", _execution(namespace, name) + "/state", params=params
+        )
+        return found
 
     async def list_executions(
         self,

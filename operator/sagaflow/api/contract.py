@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Protocol
 
 from sagaflow.runtime.startpath import StartCall
@@ -89,7 +90,15 @@ class Sagaflow(Protocol):
     async def get_execution(self, namespace: str, name: str) -> dict[str, Any]: ...
 
     async def history(self, namespace: str, name: str) -> list[dict[str, Any]]:
-        """Every history row, oldest first: {seq, at, kind, step, attempt, message, data}."""
+        """Every history row, oldest first: {at, kind, step, attempt, message, data}. A
+        `Transition` row says what the transition after it applied (data: fact, version,
+        cause) and is not a line for people (`local/timeline.py`)."""
+        ...
+
+    async def state_at(self, namespace: str, name: str, at: datetime) -> dict[str, Any]:
+        """The run's state at instant `at`, rebuilt from its history: {at, asOf, phase,
+        steps [{name, phase, attempt}], timers [{key, kind, step, attempt, dueAt}],
+        state}. 404 unknown run, 400 (field `at`) an instant before it started."""
         ...
 
     async def list_executions(

@@ -91,12 +91,35 @@ def _public(op_id: str, summary: str) -> Doc:
     return {"get": {"operationId": op_id, "summary": summary, "security": [], "responses": answer}}
 
 
+def _page(op_id: str, summary: str, params: list[Doc], media: str = "text/html") -> Doc:
+    """A page or file of the web view: open, since it holds no data (api/web.py)."""
+    answer = {"200": {"description": summary, "content": {media: {}}}, **_errors(404)}
+    operation = {"operationId": op_id, "summary": summary, "security": [], "parameters": params}
+    return {"get": {**operation, "responses": answer}}
+
+
 def _paths() -> Doc:
     ns = _path_param("ns", "The namespace.")
     name = _path_param("name", "The execution's name.")
     paths: Doc = {
         "/healthz": _public("health", "Liveness: 200 while the server answers."),
         "/openapi.json": _public("openapi", "This document."),
+        "/metrics": _page(
+            "metrics",
+            "Prometheus metrics in the text format (no auth, like /healthz).",
+            [],
+            "text/plain",
+        ),
+        "/ui": _page("webList", "The web view's list of executions.", []),
+        "/ui/namespaces/{ns}/executions/{name}": _page(
+            "webExecution", "The web view of one execution.", [ns, name]
+        ),
+        "/ui/static/{file}": _page(
+            "webStatic",
+            "A script or style of the web view.",
+            [_path_param("file", "The file's name.")],
+            "*/*",
+        ),
         f"{NS}/workflows": _read(
             "listWorkflows",
             "The namespace's workflows, with their version and runs by phase.",
@@ -133,6 +156,15 @@ def _paths() -> Doc:
             "Every history row of an execution, oldest first.",
             [ns, name],
             "History",
+            404,
+        ),
+        f"{NS}/executions/{{name}}/state": _read(
+            "getStateAt",
+            "The execution's state at an instant, rebuilt from its history by the engine: "
+            "phase, each step's phase and attempt, the timers pending then. 400 (field "
+            "`at`) for a bad time or one before the run's first transition.",
+            [ns, name, _at_param()],
+            "StateAt",
             404,
         ),
         f"{NS}/executions/{{name}}/signals/{{signal}}": {
@@ -186,6 +218,16 @@ def _paths() -> Doc:
             )
         }
     return paths
+
+
+def _at_param() -> Doc:
+    return {
+        "name": "at",
+        "in": "query",
+        "required": True,
+        "schema": {"type": "string", "format": "date-time"},
+        "description": "The instant, RFC 3339 with an offset (2024-05-01T12:00:00Z).",
+    }
 
 
 def _list_params() -> list[Doc]:
@@ -295,6 +337,34 @@ SCHEMAS: Doc = {
                     },
                 },
             }
+        },
+    },
+    "StateAt": {
+        "type": "object",
+        "required": ["at", "asOf", "phase", "steps", "timers", "state"],
+        "properties": {
+            "at": {"type": "string", "format": "date-time"},
+            "asOf": {
+                "type": "string",
+                "format": "date-time",
+                "description": "The last transition applied: the state held from then to `at`.",
+            },
+            "phase": {"type": "string"},
+            "steps": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {k: {} for k in ("name", "phase", "attempt")},
+                },
+            },
+            "timers": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {k: {} for k in ("key", "kind", "step", "attempt", "dueAt")},
+                },
+            },
+            "state": {"type": "object", "description": "The engine's whole state then."},
         },
     },
     "Outcome": {

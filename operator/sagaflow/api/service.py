@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
 from typing import Any
 
 from sagaflow.adapters.postgres import api_reads
@@ -28,6 +29,7 @@ from sagaflow.api.contract import (
     conflict,
     not_found,
 )
+from sagaflow.core import replay
 from sagaflow.core.facts import Cancel, Control, Redrive, Resume, SkipCompensation, Suspend
 from sagaflow.core.manifests import API_VERSION, NAME_PATTERN, ExecutionPhase
 from sagaflow.core.messages import SignalMessage
@@ -111,7 +113,7 @@ class DirectService:
             state = await self.o.store.get_execution(conn, namespace, name)
             if state is None:
                 raise not_found(f"execution {namespace}/{name} does not exist")
-            rows = await self.o.store.history(conn, state.execution_id)
+            rows = await self.o.store.history(conn, state.execution_id, transitions=True)
         return [
             {
                 "at": r["at"].isoformat(),
@@ -123,6 +125,25 @@ class DirectService:
             }
             for r in rows
         ]
+
+    async def state_at(self, namespace: str, name: str, at: datetime) -> dict[str, Any]:
+        """Rebuilt by replaying the run's Transition rows (`core.replay`)."""
+        async with self.o.pool.acquire() as conn:
+            state = await self.o.store.get_execution(conn, namespace, name)
+            if state is None:
+                raise not_found(f"execution {namespace}/{name} does not exist")
+            rows = await self.o.store.history(conn, state.execution_id, transitions=True)
+            definitions = {
+                v: await self.o.store.definition(conn, namespace, state.workflow, v)
+                for v in replay.versions(rows)
+            }
+        try:
+            replayed = replay.replay(rows, definitions.__getitem__, at)
+        except replay.BeforeStartError as exc:
+            raise bad_request(f"execution {namespace}/{name}: {exc}", "at") from None
+        except replay.ReplayError as exc:
+            raise conflict(f"execution {namespace}/{name} cannot be replayed: {exc}") from None
+        return replay.state_at_json(replayed, at)
 
     async def list_executions(
         self,

@@ -16,7 +16,7 @@ about many executions, which the engine, one execution at a time, never sees.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from sagaflow.core.decisions import Decision, Record
@@ -62,6 +62,23 @@ def wait_reason(workflow: str, limit: int, running: int, *, queued: bool) -> str
             f"(concurrency.maxExecutions: {limit})"
         )
     return None
+
+
+@dataclass(frozen=True, slots=True)
+class Waited:
+    """The *wait* transition as a value: what history records so a replay (`replay.py`)
+    can apply it again through `wait`."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """The *admit* transition as a value, with what `admit` was given."""
+
+    suspend: bool
+    limit: int | None
+    running: int
 
 
 def wait(state: ExecutionState, reason: str) -> Decision:

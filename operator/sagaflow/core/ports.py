@@ -10,8 +10,8 @@ delivery. Message ids are deterministic so every hop can deduplicate.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol, runtime_checkable
 
@@ -30,6 +30,9 @@ class OutgoingMessage:
     session_id: str
     body: bytes
     scheduled_at: datetime | None = None
+    # Application properties (Service Bus's name): the W3C `traceparent`, for one. Not
+    # hashed, so a message stays hashable with a dict here.
+    headers: Mapping[str, str] | None = field(default=None, hash=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +52,7 @@ class ReceivedMessage:
     # suspect: the runner host runs it with nothing else, so a crash it causes is
     # pinned on it alone.
     crash_count: int = 0
+    headers: Mapping[str, str] | None = field(default=None, hash=False)  # as sent
 
 
 @dataclass(frozen=True, slots=True)

@@ -317,6 +317,9 @@ class ExecutionState:
     # `finally` steps: None before the end; "running" while they run; then "done", or
     # "failed" when one of them failed (the run's phase stays as it ended).
     finalizing: str | None = None
+    # The W3C traceparent of the run's trace (`sagaflow.telemetry.tracing`): every
+    # attempt's span is its child, whichever process dispatches it.
+    traceparent: str | None = None
 
     @property
     def at_rest(self) -> bool:
@@ -393,6 +396,8 @@ class ExecutionState:
             out["signals"] = [s.to_json() for s in self.signals]
         if self.finalizing is not None:
             out["finalizing"] = self.finalizing
+        if self.traceparent is not None:
+            out["traceparent"] = self.traceparent
         return out
 
     @classmethod
@@ -424,6 +429,7 @@ class ExecutionState:
             parent=Parent.from_json(data.get("parent")),
             signals=tuple(Signal.from_json(s) for s in data.get("signals", ())),
             finalizing=data.get("finalizing"),
+            traceparent=data.get("traceparent"),
         )
 
 

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import kubernetes
 
+from sagaflow.core.crds import PEERING_GROUP
 from sagaflow.core.manifests import API_GROUP
 
 VERSION = "v1alpha1"
@@ -101,6 +102,33 @@ class ClientKubeApi:
                 plural,
                 name,
             )
+        except kubernetes.client.ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        body: Body = json.loads(response.data)
+        return body
+
+    async def get_peering(self, namespace: str | None, name: str) -> Body | None:
+        """kopf's peering object: a KopfPeering in `namespace`, else the cluster's."""
+        try:
+            if namespace is None:
+                response = await self._call(
+                    self._custom.get_cluster_custom_object,
+                    PEERING_GROUP,
+                    "v1",
+                    "clusterkopfpeerings",
+                    name,
+                )
+            else:
+                response = await self._call(
+                    self._custom.get_namespaced_custom_object,
+                    PEERING_GROUP,
+                    "v1",
+                    namespace,
+                    "kopfpeerings",
+                    name,
+                )
         except kubernetes.client.ApiException as exc:
             if exc.status == 404:
                 return None

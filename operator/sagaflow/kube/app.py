@@ -32,6 +32,7 @@ from sagaflow.api.auth import TokensFileError
 from sagaflow.api.contract import Started
 from sagaflow.api.hosting import Hosted, Serving, host
 from sagaflow.api.server import ServeError
+from sagaflow.kube import leader
 from sagaflow.kube.api import EXECUTIONS, ClientKubeApi, load_client_config
 from sagaflow.kube.auth import ClientReviews, KubeAuthorizer, Reviews
 from sagaflow.kube.handlers import HandlerContext, build_registry
@@ -106,6 +107,7 @@ async def run_operator(
                     bus,
                     batch_size=settings.batch_size,
                     claim_check=claim_check,
+                    gauge_interval=settings.metrics_interval,
                 )
                 kube = api or ClientKubeApi(load_client_config())
                 mirror = StatusMirror(
@@ -174,8 +176,21 @@ async def _serve(
 ) -> None:
     stop = asyncio.Event()
     ready = asyncio.Event()
+    priority = _priority(settings)
+    fetch = None
+    if settings.peering_name and isinstance(mirror.api, ClientKubeApi):
+        where = settings.namespaces[0] if settings.namespaces else None
+        client_api = mirror.api
+
+        async def fetch() -> dict[str, Any] | None:
+            return await client_api.get_peering(where, settings.peering_name)
+
     tasks = [
         asyncio.create_task(orchestrator.run(stop, dsn), name="orchestrator"),
+        asyncio.create_task(
+            leader.watch(fetch, priority, stop, interval=settings.metrics_interval),
+            name="leader gauge",
+        ),
         asyncio.create_task(mirror.run(stop, dsn), name="status mirror"),
         asyncio.create_task(sync_statuses(mirror.api, serving, stop), name="source statuses"),
     ]
@@ -215,7 +230,7 @@ async def _serve(
             namespaces=namespaces,
             standalone=not settings.peering_name,
             peering_name=settings.peering_name or None,
-            priority=_priority(settings),
+            priority=priority,
             ready_flag=ready,
         )
     finally:

@@ -21,9 +21,11 @@ COMPONENT = "sagaflow-operator"
 # History kinds that are not Events.
 # A forEach step's items go in history one line each, but a Kubernetes Event each
 # would flood the namespace: only their failures become Events.
+# A Transition row is the replay record of the lines after it (`core/replay.py`).
 QUIET = frozenset(
     {
         "MessageIgnored",
+        "Transition",
         "ItemDispatched",
         "ItemSucceeded",
         "ItemCompensating",

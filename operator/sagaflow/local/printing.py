@@ -122,6 +122,7 @@ def schedules_table(items: Sequence[dict[str, Any]]) -> str:
 
 
 def history_table(rows: Sequence[dict[str, Any]]) -> str:
+    """History lines; Transition rows are replay records, not lines (`local/timeline.py`)."""
     return table(
         ["AT", "KIND", "STEP", "ATTEMPT", "MESSAGE"],
         [
@@ -133,6 +134,7 @@ def history_table(rows: Sequence[dict[str, Any]]) -> str:
                 r["message"],
             ]
             for r in rows
+            if r["kind"] != "Transition"
         ],
     )
 
@@ -178,7 +180,7 @@ def describe_execution(execution: dict[str, Any], history: Sequence[dict[str, An
             for line in table(["TYPE", "STATUS", "REASON", "MESSAGE"], rows).splitlines()
         ]
     lines.append("Events:")
-    recent = list(history)[-10:]
+    recent = [r for r in history if r["kind"] != "Transition"][-10:]
     if not recent:
         lines.append("  <none>")
     else:

@@ -23,6 +23,7 @@ from sagaflow.runtime.claimcheck import ClaimCheck
 from sagaflow.runtime.orchestrator import database_watch
 from sagaflow.runtime.worker import RunnerWorker
 from sagaflow.settings import Settings
+from sagaflow.telemetry.metrics import MetricsServer
 from sagaflow.wiring.buses import make_bus
 from sagaflow.wiring.checks import attempt_check
 from sagaflow.wiring.database import GaveUpWaiting, open_database
@@ -68,6 +69,9 @@ async def _serve(
                     pool = (await stack.enter_async_context(opened)).pool
                 except GaveUpWaiting:
                     return  # stopped before the database ever answered: nothing to hand back
+            if settings.metrics_port:
+                served = MetricsServer(settings.metrics_port, settings.metrics_host)
+                stack.callback(served.close)
             bus = make_bus(settings, pool)
             stack.push_async_callback(bus.close)
             outages = check = None

@@ -24,7 +24,9 @@ from typing import Any, TextIO
 from sagaflow.api.contract import ApiError, Sagaflow
 from sagaflow.api.service import DirectService
 from sagaflow.core.jsonsafe import unstorable
-from sagaflow.local import printing
+from sagaflow.core.ports import utc_now
+from sagaflow.core.replay import parse_instant
+from sagaflow.local import printing, timeline
 from sagaflow.runtime.startpath import Source, StartCall
 from sagaflow.settings import Settings
 from sagaflow.wiring.orchestrators import open_orchestrator
@@ -208,11 +210,20 @@ async def _describe(client: Sagaflow, args: Any, out: TextIO, err: TextIO) -> in
 
 
 async def _history(client: Sagaflow, args: Any, out: TextIO, err: TextIO) -> int:
-    rows = await client.history(args.namespace, args.name)
+    if getattr(args, "at", None) is not None:
+        try:
+            at = parse_instant(args.at, utc_now())
+        except ValueError as exc:
+            raise InvalidInputError([f"--at: {exc}"]) from None
+        doc = await client.state_at(args.namespace, args.name, at)
+        text = timeline.state_text(doc)
+        print(text if args.output == "table" else printing.dump(doc, args.output), file=out)
+        return EXIT_OK
+    lines = timeline.timeline(await client.history(args.namespace, args.name))
     if args.output in ("json", "yaml"):
-        print(printing.dump(rows, args.output), file=out)
+        print(printing.dump(lines, args.output), file=out)
     else:
-        print(printing.history_table(rows), file=out)
+        print(timeline.timeline_table(lines), file=out)
     return EXIT_OK
 
 

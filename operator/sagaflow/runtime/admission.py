@@ -37,9 +37,9 @@ from typing import TYPE_CHECKING, Any
 from sagaflow.adapters.postgres import admission_sql as sql
 from sagaflow.adapters.postgres.store import Applied
 from sagaflow.core import admission as rules
-from sagaflow.core.decisions import Decision
 from sagaflow.core.definition import Definition
 from sagaflow.core.engine import decide
+from sagaflow.core.fact_codec import Transition
 from sagaflow.core.facts import Start
 from sagaflow.core.manifests import ExecutionPhase
 from sagaflow.core.state import ExecutionState
@@ -121,7 +121,8 @@ class Gate:
                 decision = rules.admit(
                     state, definition, item.suspend, self._now, limit=limit, running=running
                 )
-                out.append(Applied(state.execution_id, decision))
+                fact = rules.Admitted(item.suspend, limit, running)
+                out.append(Applied(state.execution_id, decision, fact=fact, cause="admission"))
                 # One that ended at once (nothing to run) leaves the slot free.
                 lane.running += rules.holds_slot(decision.state.phase)
             if not lane.queued:
@@ -139,7 +140,9 @@ class Gate:
                 running += rules.holds_slot(state.phase) - rules.holds_slot(before)
         return running
 
-    def place(self, state: ExecutionState, definition: Definition, suspend: bool) -> Decision:
+    def place(
+        self, state: ExecutionState, definition: Definition, suspend: bool, cause: str = "start"
+    ) -> Applied:
         """Start a new execution, or make it wait if its workflow has no slot for it."""
         lane = self._lanes.get((state.namespace, state.workflow))
         reason = None
@@ -149,10 +152,12 @@ class Gate:
             decision = decide(state, definition, Start(suspend), self._now)
             if lane is not None:
                 lane.running += rules.holds_slot(decision.state.phase)
-            return decision
-        lane.queued = True
-        self._queue.append((state.execution_id, state.namespace, state.workflow, suspend))
-        return rules.wait(state, reason)
+            fact: Transition = Start(suspend)
+        else:
+            lane.queued = True
+            self._queue.append((state.execution_id, state.namespace, state.workflow, suspend))
+            decision, fact = rules.wait(state, reason), rules.Waited(reason)
+        return Applied(state.execution_id, decision, fact=fact, cause=cause, initial=state)
 
     async def enqueue(self) -> None:
         """Queue the executions `place` made wait, in the order they were placed."""
@@ -197,7 +202,7 @@ async def sweep(o: Orchestrator, keys: Collection[Key] | None = None) -> int:
     """Start the waiting executions there are slots for, in every queue (or those of
     `keys`), in one transaction; how many started."""
     now = o.clock()
-    async with o._transaction() as tx:
+    async with o._transaction("admission") as tx:
         conn = tx.conn
         queued = [k for k in await sql.queued_workflows(conn) if keys is None or k in keys]
         limits: dict[Key, int | None] = {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -95,9 +96,12 @@ class Attempt:
             self.keep_lock(self._interval)
 
 
-def event(cmd: ExecuteStep, result: StepResult) -> OutgoingMessage:
-    """The result as a message; an output that could not be sent or stored becomes the
-    step's InvalidOutput failure, naming where in the output the problem is."""
+def event(
+    cmd: ExecuteStep, result: StepResult, headers: Mapping[str, str] | None = None
+) -> OutgoingMessage:
+    """The result as a message (with `headers`: its trace); an output that could not be
+    sent or stored becomes the step's InvalidOutput failure, naming where in the output
+    the problem is."""
     try:
         body = result.encode()
         problem = output_problem(result.output, body) if result.kind == "StepCompleted" else None
@@ -109,7 +113,9 @@ def event(cmd: ExecuteStep, result: StepResult) -> OutgoingMessage:
     if problem is not None:
         result = failed(cmd, "InvalidOutput", problem, False)
         body = result.encode()
-    return OutgoingMessage(EVENTS_QUEUE, result.message_id, result.execution_id, body)
+    return OutgoingMessage(
+        EVENTS_QUEUE, result.message_id, result.execution_id, body, headers=headers
+    )
 
 
 def failed_from(cmd: ExecuteStep, exc: Exception) -> StepResult:

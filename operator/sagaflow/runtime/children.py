@@ -38,6 +38,7 @@ from sagaflow.core.messages import EVENTS_QUEUE, StepResult, attempt_id
 from sagaflow.core.ports import OutgoingMessage
 from sagaflow.core.state import ExecutionState, new_execution
 from sagaflow.runtime.admission import Gate
+from sagaflow.telemetry import tracing
 
 if TYPE_CHECKING:
     import asyncpg
@@ -154,9 +155,14 @@ async def _start(
     out = await gate.admit_waiting(o.batch_size) if limits else []
     for state, definition in fresh:
         if definition.max_executions is None:
-            out.append(Applied(state.execution_id, decide(state, definition, Start(), now)))
+            decision = decide(state, definition, Start(), now)
+            out.append(
+                Applied(
+                    state.execution_id, decision, fact=Start(), cause=_cause(state), initial=state
+                )
+            )
         else:
-            out.append(Applied(state.execution_id, gate.place(state, definition, False)))
+            out.append(gate.place(state, definition, False, _cause(state)))
     if limits:
         await gate.enqueue()
     return out
@@ -177,7 +183,9 @@ def _child_state(
         step_names=definition.step_names,
     )
     link = Parent(parent.execution_id, parent.namespace, parent.name, d.step, d.attempt, depth)
-    return replace(state, parent=link)
+    # The child's trace is its parent's: one tree for the whole family.
+    trace = tracing.start_execution(state, parent=parent.traceparent)
+    return replace(state, parent=link, traceparent=trace)
 
 
 async def _undo(
@@ -197,7 +205,8 @@ async def _undo(
         events.append(_result(parent.execution_id, d.step, d.attempt, True, output=output))
         return []
     definition = await o.store.definition(conn, child.namespace, child.workflow, child.version)
-    return [Applied(cid, decide(child, definition, Compensate(d.attempt), now))]
+    fact = Compensate(d.attempt)
+    return [Applied(cid, decide(child, definition, fact, now), fact=fact, cause=_cause(child))]
 
 
 async def _control(
@@ -212,7 +221,14 @@ async def _control(
     if child is None:
         return []
     definition = await o.store.definition(conn, child.namespace, child.workflow, child.version)
-    return [Applied(cid, decide(child, definition, _CONTROLS[c.kind], now))]
+    fact = _CONTROLS[c.kind]
+    return [Applied(cid, decide(child, definition, fact, now), fact=fact, cause=_cause(child))]
+
+
+def _cause(child: ExecutionState) -> str:
+    """A child's transitions are caused by its parent's step attempt."""
+    p = child.parent
+    return "parent" if p is None else f"parent:{p.namespace}/{p.name}/{p.step}/{p.attempt}"
 
 
 def _parent_event(state: ExecutionState, decision: Decision) -> OutgoingMessage | None:

@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING
 from sagaflow.adapters.postgres.store import Applied
 from sagaflow.core.decisions import Decision
 from sagaflow.core.engine import decide
-from sagaflow.core.facts import Control, Fact, Redrive
+from sagaflow.core.facts import Control, Fact, Redrive, SignalReceived
 from sagaflow.core.ports import ReceivedMessage
 from sagaflow.core.state import ExecutionState
+from sagaflow.telemetry import metrics
 
 if TYPE_CHECKING:
     from sagaflow.runtime.orchestrator import Orchestrator
@@ -86,7 +87,7 @@ async def apply_one(
     the workflow's current version."""
     now = o.clock()
     decision: Decision | None = None
-    async with o._transaction() as tx:
+    async with o._transaction("control") as tx:
         conn = tx.conn
         fresh = await o.store.claim_inbox(conn, [(inbox_id, execution_id)], now)
         states = await o.store.lock_executions(conn, [execution_id])
@@ -101,11 +102,20 @@ async def apply_one(
             definition = await o.store.definition(conn, state.namespace, state.workflow, version)
             if fresh:
                 decision = decide(state, definition, fact, now)
-                await o._commit(tx, [Applied(execution_id, decision, inbox_id)], now)
+                cause = (
+                    f"signal:{fact.signal_id}"
+                    if isinstance(fact, SignalReceived)
+                    else f"request:{inbox_id}"
+                )
+                applied = Applied(execution_id, decision, inbox_id, fact=fact, cause=cause)
+                await o._commit(tx, [applied], now)
             else:
                 decision = Decision(state=state, ignored="seen before")
         if o.transactional:
             await o.bus.complete_in(conn, settle)  # type: ignore[attr-defined]
     if not o.transactional and settle:
         await o.bus.complete(settle)
+    if not fresh:
+        source = "signals" if inbox_id.startswith("signal/") else "control"
+        metrics.INBOX_DUPLICATES.labels(source).inc()
     return decision, bool(fresh)

@@ -38,6 +38,7 @@ from sagaflow.core.messages import (
 from sagaflow.core.ports import MessageLockLostError, ReceivedDeadLetter, ReceivedMessage
 from sagaflow.runtime.control import apply_one
 from sagaflow.runtime.outages import describe
+from sagaflow.telemetry import metrics
 
 if TYPE_CHECKING:
     from sagaflow.runtime.orchestrator import Orchestrator
@@ -95,6 +96,8 @@ async def handle_dead_letters(o: Orchestrator) -> int:
     for queue in queues:
         for letter in await o.bus.receive_dead_letters(queue, max_messages=o.batch_size):
             await _handle(o, letter)
+            # Counted once settled: a pass that fails before that sees it again.
+            metrics.DEAD_LETTERS.labels(queue, letter.letter.reason).inc()
             handled += 1
     return handled
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from sagaflow.adapters.postgres.bus import DEAD_LETTERS_CHANNEL
 from sagaflow.adapters.postgres.notify import Notifications
 from sagaflow.adapters.postgres.store import OUTBOX_CHANNEL, TIMERS_CHANNEL
+from sagaflow.runtime.gauges import GaugeSampler
 
 if TYPE_CHECKING:
     from sagaflow.runtime.orchestrator import Orchestrator
@@ -37,6 +38,11 @@ async def run_loops(orchestrator: Orchestrator, stop: asyncio.Event, dsn: str) -
         loops.append(_pass_loop(o, stop, notes, DEAD_LETTERS_CHANNEL, o.dead_letters_once))
         if not o.transactional:
             loops.append(_pass_loop(o, stop, notes, OUTBOX_CHANNEL, o.relay_once))
+        if o.gauge_interval > 0:
+            gauges = GaugeSampler(
+                o.pool, bus_in_database=o.transactional, interval=o.gauge_interval
+            )
+            loops.append(gauges.run(stop))
         tasks = [asyncio.create_task(c) for c in loops]
         await stop.wait()
         for t in tasks:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -76,9 +77,11 @@ from sagaflow.core.ports import (
 from sagaflow.core.state import ExecutionState
 from sagaflow.runtime import admission, children, control, faults, signals, starts
 from sagaflow.runtime.claimcheck import ClaimCheck
+from sagaflow.runtime.gauges import DEFAULT_INTERVAL
 from sagaflow.runtime.loops import run_loops
 from sagaflow.runtime.outages import OutageWatch
 from sagaflow.runtime.starts import StartRequest as StartRequest
+from sagaflow.telemetry import metrics, observe, tracing
 
 log = logging.getLogger("sagaflow.orchestrator")
 
@@ -127,6 +130,7 @@ def command_messages(state: ExecutionState, decision: Decision) -> list[Outgoing
                 message_id=command.attempt_id,
                 session_id=f"{state.execution_id}/{d.step}",
                 body=command.encode(),
+                headers=tracing.step_headers(state, command),
             )
         )
     return messages
@@ -136,6 +140,8 @@ def command_messages(state: ExecutionState, decision: Decision) -> list[Outgoing
 class _Transaction:
     conn: Any = None
     states: list[ExecutionState] = field(default_factory=list)
+    # The decisions committed, with the message each consumed: counted once it commits.
+    counted: list[tuple[Decision, str | None]] = field(default_factory=list)
 
 
 class Orchestrator:
@@ -150,6 +156,7 @@ class Orchestrator:
         consumers: int = 2,
         claim_check: ClaimCheck | None = None,
         outages: OutageWatch | None = None,
+        gauge_interval: float = DEFAULT_INTERVAL,
     ) -> None:
         self.store = store
         self.bus = bus
@@ -162,6 +169,7 @@ class Orchestrator:
         self.transactional = isinstance(bus, TransactionalBus)
         self.claim_check = claim_check
         self.outages = outages or database_watch(store.pool)
+        self.gauge_interval = gauge_interval  # seconds between gauge samples; 0: none
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -287,11 +295,13 @@ class Orchestrator:
         settle: Sequence[ReceivedMessage],
     ) -> None:
         now = self.clock()
-        async with self._transaction() as tx:
+        async with self._transaction("events") as tx:
             conn = tx.conn
             fresh = await self.store.claim_inbox(
                 conn, [(m.message_id, r.execution_id) for m, r in parsed], now
             )
+            applying = [m for m, _ in parsed if m.message_id in fresh]
+            traces = {m.message_id: m.headers for m in applying}
             by_execution: dict[str, list[tuple[str, StepResult]]] = defaultdict(list)
             for msg, result in parsed:
                 if msg.message_id in fresh:
@@ -311,20 +321,28 @@ class Orchestrator:
                     conn, state.namespace, state.workflow, state.version
                 )
                 for message_id, result in items:
-                    decision = decide(state, definition, result_fact(result), now)
+                    fact = result_fact(result)
+                    with tracing.applying(state, result, traces.get(message_id)):
+                        decision = decide(state, definition, fact, now)
                     state = decision.state
-                    applied.append(Applied(eid, decision, message_id))
+                    cause = f"message:{message_id}"
+                    applied.append(Applied(eid, decision, message_id, fact=fact, cause=cause))
             if unknown:
                 log.warning("%d event(s) for executions that do not exist ignored", len(unknown))
                 await self.store.record_outcomes(conn, unknown)
             await self._commit(tx, applied, now)
             if self.transactional:
                 await self.bus.complete_in(conn, settle)  # type: ignore[attr-defined]
+        if len(applying) < len(parsed):
+            metrics.INBOX_DUPLICATES.labels("events").inc(len(parsed) - len(applying))
+        committed = utc_now()  # the wall clock: enqueue times are the bus's wall clock
+        for message in applying:
+            metrics.ORCHESTRATOR_HOP.observe(observe.seconds_since(message.enqueued_at, committed))
 
     async def fire_timers_once(self) -> int:
         """Apply every due timer of executions no other replica is working on."""
         now = self.clock()
-        async with self._transaction() as tx:
+        async with self._transaction("timers") as tx:
             conn = tx.conn
             ids = await self.store.due_timer_executions(conn, now, self.batch_size)
             if not ids:
@@ -340,7 +358,8 @@ class Orchestrator:
                 fact = TimerFired(timer.kind, timer.step, timer.attempt)  # type: ignore[arg-type]
                 decision = decide(state, definition, fact, now)
                 states[timer.execution_id] = decision.state
-                applied.append(Applied(timer.execution_id, decision))
+                cause = f"timer:{timer.key}"
+                applied.append(Applied(timer.execution_id, decision, fact=fact, cause=cause))
             await self._commit(tx, applied, now)
             return len(timers)
 
@@ -354,13 +373,20 @@ class Orchestrator:
             return len(messages)
 
     @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[_Transaction]:
-        """One transaction; states it saved are remembered by the store once it commits."""
+    async def _transaction(self, loop: str = "other") -> AsyncIterator[_Transaction]:
+        """One transaction; states it saved are remembered by the store, and its
+        decisions counted (`telemetry.observe`), once it commits. `loop` names what
+        ran it in the transaction duration histogram."""
         tx = _Transaction()
-        async with self.pool.acquire() as conn, conn.transaction():
-            tx.conn = conn
-            yield tx
+        began = time.perf_counter()
+        # Spans made in the transaction are exported only if it commits.
+        with tracing.deferred():
+            async with self.pool.acquire() as conn, conn.transaction():
+                tx.conn = conn
+                yield tx
+        metrics.TRANSACTION_DURATION.labels(loop).observe(time.perf_counter() - began)
         self.store.remember(tx.states)
+        observe.transitions(tx.counted)
 
     async def _commit(self, tx: _Transaction, applied: Sequence[Applied], now: datetime) -> None:
         conn = tx.conn
@@ -376,6 +402,7 @@ class Orchestrator:
             applied += more
             events += sent
         await self.store.save(conn, applied, now)
+        tx.counted.extend((a.decision, a.message_id) for a in applied)
         tx.states.extend(a.decision.state for a in applied if a.decision.applied)
         decisions = [a.decision for a in applied if a.decision.applied]
         if self.claim_check is not None:

@@ -43,6 +43,7 @@ from sagaflow.core.trigger_specs import ScheduleSpec, ScheduleStatus
 from sagaflow.runtime.outages import describe
 from sagaflow.runtime.startpath import IdempotencyConflictError, Launcher, Source, StartCall
 from sagaflow.runtime.starts import CorrelationKeyInUseError, NameInUseError
+from sagaflow.telemetry import metrics
 
 if TYPE_CHECKING:
     import asyncpg
@@ -250,6 +251,16 @@ class ScheduleRunner:
     async def _tell(self, done: _Pass) -> Counter[str]:
         """Report what a committed pass did."""
         plan, told = done.plan, Counter[str]()
+        ticks = metrics.SCHEDULE_TICKS
+        ref = done.ref
+        for outcome, count in (
+            ("started", len(done.started)),
+            ("skipped", len(plan.skipped)),
+            ("missed", len(plan.missed)),
+            ("failed", len(done.failed)),
+        ):
+            if count:
+                ticks.labels(ref.namespace, ref.name, outcome).inc(count)
         events: list[tuple[str, str]] = []
         for victim in done.cancelled:
             events.append(

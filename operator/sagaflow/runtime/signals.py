@@ -26,6 +26,7 @@ from sagaflow.core.ports import ReceivedMessage
 from sagaflow.core.state import ExecutionState
 from sagaflow.runtime.control import apply_one
 from sagaflow.runtime.faults import SIGNAL_REFUSED
+from sagaflow.telemetry import observe
 
 if TYPE_CHECKING:
     from sagaflow.runtime.orchestrator import Orchestrator
@@ -64,9 +65,11 @@ async def deliver(
     if not fresh:
         return SignalOutcome("noop", f"signal {signal_id} was delivered before", decision.state)
     if decision.refused is not None:
+        observe.signal(decision.state, signal.signal, accepted=False)
         return SignalOutcome("refused", decision.refused, decision.state)
     if not decision.applied:
         return SignalOutcome("noop", decision.ignored or "", decision.state)
+    observe.signal(decision.state, signal.signal, accepted=True)
     taken = next((s.step for s in decision.state.signals if s.id == signal_id), None)
     said = f"taken by step {taken}" if taken else "kept until a step waits for it"
     return SignalOutcome("applied", f"signal {signal.signal} accepted: {said}", decision.state)

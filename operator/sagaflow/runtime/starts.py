@@ -22,10 +22,11 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from sagaflow.adapters.postgres import admission_sql
-from sagaflow.adapters.postgres.store import Applied, new_execution_id
+from sagaflow.adapters.postgres.store import new_execution_id
 from sagaflow.core.definition import Definition
 from sagaflow.core.state import ExecutionState, new_execution
 from sagaflow.runtime.admission import Gate
+from sagaflow.telemetry import tracing
 
 if TYPE_CHECKING:
     from sagaflow.runtime.orchestrator import Orchestrator
@@ -125,7 +126,7 @@ async def _start(
 ) -> tuple[ExecutionState, bool]:
     namespace, name, workflow = request.namespace, request.name, request.workflow
     now = o.clock()
-    async with o._transaction() as tx:
+    async with o._transaction("start") as tx:
         conn = tx.conn
         if request.start_key is not None:
             held = await _key_row(conn, namespace, request.start_key.key)
@@ -151,10 +152,10 @@ async def _start(
         if request.start_key is not None:
             await _record_key(conn, state.execution_id, namespace, request.start_key, now)
         admitted = await gate.admit_waiting(o.batch_size)
-        decision = gate.place(state, definition, request.suspend)
+        placed = gate.place(state, definition, request.suspend)
         await gate.enqueue()
-        await o._commit(tx, [*admitted, Applied(state.execution_id, decision)], now)
-    return decision.state, True
+        await o._commit(tx, [*admitted, placed], now)
+    return placed.decision.state, True
 
 
 async def start_many(o: Orchestrator, requests: Sequence[StartRequest]) -> list[ExecutionState]:
@@ -162,7 +163,7 @@ async def start_many(o: Orchestrator, requests: Sequence[StartRequest]) -> list[
     the state of each, started now or found. LookupError for an unknown workflow,
     CorrelationKeyInUseError (nothing started) for a correlation key already held."""
     now = o.clock()
-    async with o._transaction() as tx:
+    async with o._transaction("start") as tx:
         conn = tx.conn
         found = await o.store.live_executions(conn, [(r.namespace, r.name) for r in requests])
         new: list[tuple[ExecutionState, Definition, StartRequest]] = []
@@ -184,15 +185,15 @@ async def start_many(o: Orchestrator, requests: Sequence[StartRequest]) -> list[
         inserted = await o.store.insert_executions(conn, [s for s, _, _ in new], now)
         await _refuse_held_keys(conn, [r for s, _, r in new if s.execution_id not in inserted])
         admitted = await gate.admit_waiting(o.batch_size)
-        decisions = [
+        applied = [
             gate.place(state, definition, r.suspend)
             for state, definition, r in new
             if state.execution_id in inserted
         ]
         await gate.enqueue()
-        applied = [Applied(d.state.execution_id, d) for d in decisions]
         await o._commit(tx, [*admitted, *applied], now)
-    started = {(d.state.namespace, d.state.name): d.state for d in decisions}
+    states = [a.decision.state for a in applied]
+    started = {(s.namespace, s.name): s for s in states}
     if len(started) + len(found) < len(requests):
         async with o.pool.acquire() as conn:  # lost a race for a name: read the winner
             found |= await o.store.live_executions(conn, [(r.namespace, r.name) for r in requests])
@@ -301,7 +302,9 @@ def _new_state(
         input=request.input,
         step_names=definition.step_names,
     )
-    return replace(state, correlation_key=request.correlation_key)
+    # Under the caller's trace when it came with one (`tracing.incoming`).
+    trace = tracing.start_execution(state)
+    return replace(state, correlation_key=request.correlation_key, traceparent=trace)
 
 
 async def _find(

@@ -44,6 +44,7 @@ from sagaflow.runtime.faults import SIGNAL_REFUSED
 from sagaflow.runtime.outages import describe
 from sagaflow.runtime.startpath import IdempotencyConflictError, Launcher, Source, StartCall
 from sagaflow.runtime.starts import CorrelationKeyInUseError, NameInUseError
+from sagaflow.telemetry import tracing
 
 if TYPE_CHECKING:
     import asyncpg
@@ -299,7 +300,8 @@ class QueueTriggers:
         for message in received:
             incoming = core.Incoming(message.body, message.message_id)
             verdict = core.decide(entry.spec, entry.ref, incoming)
-            acted.append((message, await self._triggers.act(entry, verdict)))
+            with tracing.incoming(message.headers):  # the message's trace is the run's
+                acted.append((message, await self._triggers.act(entry, verdict)))
         outcomes = Counter(outcome.kind for _, outcome in acted)
         try:
             await self._triggers.count(entry, outcomes, queue=True)
@@ -406,7 +408,8 @@ class Webhooks:
         if entry.spec.suspend:
             return error(503, "Suspended", f"Trigger {entry.ref.name} is suspended")
         incoming = core.Incoming(body, request_key(headers, body), headers)
-        outcome = await self._triggers.act(entry, core.decide(entry.spec, entry.ref, incoming))
+        with tracing.incoming(headers):  # a `traceparent` header: the run joins that trace
+            outcome = await self._triggers.act(entry, core.decide(entry.spec, entry.ref, incoming))
         try:
             await self._triggers.count(entry, {outcome.kind: 1}, queue=False)
         except Exception as exc:  # what happened stands; only its count is lost

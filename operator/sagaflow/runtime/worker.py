@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Literal
@@ -76,6 +77,8 @@ from sagaflow.runtime.isolation import Gate
 from sagaflow.runtime.outages import OutageWatch
 from sagaflow.runtime.threads import DaemonThreads
 from sagaflow.runtime.watchdog import LoopWatchdog
+from sagaflow.telemetry import metrics, tracing
+from sagaflow.telemetry.logs import attempt_context
 from sagaflow_runner import AsyncHandler, Registry, StepContext
 
 log = logging.getLogger("sagaflow.runner")
@@ -88,6 +91,8 @@ MAX_RECEIVE_BACKOFF = 5.0
 # After the grace period and the cancellation of handlers: how long results already
 # computed may take to be settled before the host gives up on them (redelivered).
 SETTLE_AFTER_CANCEL = 5.0
+# How a run of a handler ended, for the step duration histogram (None: past its deadline).
+_OUTCOMES = {"StepCompleted": "succeeded", "StepFailed": "failed", None: "timed_out"}
 
 
 class RunnerWorker:
@@ -335,11 +340,31 @@ class RunnerWorker:
             return
         attempt = Attempt(self._bus, cmd, message, self._clock(), self._background)
         self._attempts[cmd.attempt_id] = attempt
+        # Enqueue times are the bus's wall clock, so the wait is read on the wall clock.
+        metrics.QUEUE_WAIT.labels(message.queue).observe(
+            max((utc_now() - message.enqueued_at).total_seconds(), 0.0)
+        )
+        began = time.perf_counter()
         try:
-            result = await self._isolated(attempt, as_async(handler, self._threads), deadline)
+            with (
+                tracing.handler_span(cmd, message.headers) as span,
+                attempt_context(
+                    execution_id=cmd.execution_id,
+                    execution=cmd.execution,
+                    step=cmd.step,
+                    attempt=cmd.attempt,
+                    attempt_id=cmd.attempt_id,
+                ),
+            ):
+                result = await self._isolated(attempt, as_async(handler, self._threads), deadline)
+                trace = tracing.record_result(span, result)
         finally:
             del self._attempts[cmd.attempt_id]
-        await self._settler.settle(None if result is None else event(cmd, result), attempt.message)
+        outcome = _OUTCOMES.get(result.kind if result else None)
+        if outcome is not None:  # a heartbeat is no outcome; shutdown raised above
+            metrics.STEP_DURATION.labels(cmd.type, outcome).observe(time.perf_counter() - began)
+        reply = None if result is None else event(cmd, result, trace)
+        await self._settler.settle(reply, attempt.message)
 
     async def _isolated(
         self, attempt: Attempt, handler: AsyncHandler, deadline: datetime | None

@@ -1,7 +1,7 @@
 """Every Prometheus metric Sagaflow exports, in one registry, and its exposition.
 
 One place names them all, so the chart's dashboard and alerts can be checked
-against what the code exports (`tests/unit/test_dashboards.py`). Names follow
+against what the code exports (`tests/integration/test_dashboard_names.py`). Names follow
 Prometheus conventions: `sagaflow_` prefix, base units (seconds), `_total` on
 counters. Labels are namespace, workflow, step and outcome, never an execution id:
 a label per run would grow without bound.
@@ -25,10 +25,11 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
     generate_latest,
+    start_http_server,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-__all__ = ["CONTENT_TYPE_LATEST", "REGISTRY", "exposition"]
+__all__ = ["CONTENT_TYPE_LATEST", "REGISTRY", "MetricsServer", "exposition"]
 
 REGISTRY = CollectorRegistry()
 ProcessCollector(registry=REGISTRY)
@@ -73,8 +74,8 @@ SIGNALS = Counter(
 )
 SCHEDULE_TICKS = Counter(
     "sagaflow_schedule_ticks",
-    "Schedule ticks, by outcome: started, skipped (concurrency policy) or missed "
-    "(past the starting deadline).",
+    "Schedule ticks, by outcome: started, skipped (concurrency policy), missed "
+    "(older than the catch-up window) or failed (started nothing).",
     ["namespace", "schedule", "outcome"],
     registry=REGISTRY,
 )
@@ -122,7 +123,7 @@ ORCHESTRATOR_HOP = Histogram(
 )
 TRANSACTION_DURATION = Histogram(
     "sagaflow_transaction_duration_seconds",
-    "One orchestrator transaction, by what ran it: events, timers, start, control.",
+    "One orchestrator transaction, by what ran it: events, timers, start, control, admission.",
     ["loop"],
     buckets=_FAST,
     registry=REGISTRY,
@@ -191,3 +192,19 @@ BUILD_INFO.info({"version": _version(), "python": platform.python_version()})
 def exposition() -> bytes:
     """The registry in the Prometheus text format."""
     return generate_latest(REGISTRY)
+
+
+class MetricsServer:
+    """`/metrics` on a port of its own, for a process with no API (a runner host).
+
+    prometheus-client's server runs in a daemon thread: a scrape never waits for the
+    event loop, and a loop that is blocked is still scraped."""
+
+    def __init__(self, port: int, host: str) -> None:
+        self._server, self._thread = start_http_server(port, host, registry=REGISTRY)
+        self.port: int = self._server.server_port
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)

@@ -49,6 +49,7 @@ async def open_orchestrator(
                 bus,
                 batch_size=settings.batch_size,
                 claim_check=claim_check,
+                gauge_interval=settings.metrics_interval,
             )
             try:
                 yield Wired(orchestrator, bus, db, claim_check)

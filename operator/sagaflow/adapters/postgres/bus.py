@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -124,7 +125,8 @@ class PostgresBus:
         """Send within `conn`'s transaction: visible (and notified) when it commits."""
         if messages:
             rows = [(m.queue, m.message_id, m.session_id, m.body, m.scheduled_at) for m in messages]
-            await conn.execute(sql.SEND, *_columns(rows), self._clock())
+            headers = [encode_headers(m.headers) for m in messages]
+            await conn.execute(sql.SEND, *_columns(rows), self._clock(), headers)
 
     # -- receiving ----------------------------------------------------------------
 
@@ -389,4 +391,15 @@ def _received(queue: str, row: Any, locked_until: datetime, lock_token: str) -> 
         lock_token=lock_token,
         handle=row["seq"],
         crash_count=row["crash_count"],
+        headers=decode_headers(row["headers"]),
     )
+
+
+def encode_headers(headers: Mapping[str, str] | None) -> str | None:
+    """Headers as the JSON text a `jsonb` column takes; None when there are none."""
+    return json.dumps(dict(headers), separators=(",", ":")) if headers else None
+
+
+def decode_headers(raw: str | None) -> dict[str, str] | None:
+    """Headers read back from a `jsonb` column (asyncpg hands it over as text)."""
+    return {str(k): str(v) for k, v in json.loads(raw).items()} if raw else None

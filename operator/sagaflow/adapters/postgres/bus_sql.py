@@ -6,12 +6,15 @@ expiry, what each returns. Every statement works on arrays (`unnest`), so a batc
 one round trip; `bus_receive` and `bus_reap` live in the migrations.
 """
 
+# $1-$5 and $7 the messages' columns (headers as JSON text, NULL for none), $6 now.
 SEND = """
 WITH ins AS (
-    INSERT INTO bus_messages (queue, message_id, session_id, body, enqueued_at, visible_at)
-    SELECT t.queue, t.message_id, t.session_id, t.body, $6, t.visible_at
-    FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::timestamptz[])
-         WITH ORDINALITY AS t(queue, message_id, session_id, body, visible_at, ord)
+    INSERT INTO bus_messages (queue, message_id, session_id, body, enqueued_at, visible_at,
+                              headers)
+    SELECT t.queue, t.message_id, t.session_id, t.body, $6, t.visible_at, t.headers::jsonb
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::timestamptz[],
+                $7::text[])
+         WITH ORDINALITY AS t(queue, message_id, session_id, body, visible_at, headers, ord)
     ORDER BY t.ord
     ON CONFLICT (queue, message_id) DO NOTHING
     RETURNING queue
@@ -21,7 +24,7 @@ SELECT pg_notify('sagaflow_bus', d.queue) FROM (SELECT DISTINCT queue FROM ins) 
 
 # $1 queue, $2 now, $3 max messages, $4 locked until, $5 max delivery count, $6 the
 # receive's lock token, $7 this receiver, $8 max crashes. The statement is
-# `bus_receive` in the migrations (0001, 0004), which say what it does and why it is a
+# `bus_receive` in the migrations (0001, 0004, 0011), which say what it does and why it is a
 # function. Rows: 'm' a message; one 'w' with the size of the window and the sessions
 # won (those that got no message are to be released).
 RECEIVE = "SELECT * FROM bus_receive($1, $2, $3, $4, $5, $6, $7, $8)"
@@ -93,9 +96,10 @@ DEAD_LETTER = f"""{LOCK_SESSIONS}, settled AS (
     RETURNING m.*
 ), buried AS (
     INSERT INTO bus_dead_letters (queue, message_id, session_id, body, reason, description,
-                                  delivery_count, enqueued_at, dead_lettered_at, crash_count)
+                                  delivery_count, enqueued_at, dead_lettered_at, crash_count,
+                                  headers)
     SELECT queue, message_id, session_id, body, $6, $7, delivery_count, enqueued_at, $5,
-           crash_count
+           crash_count, headers
     FROM settled
     -- Notifications repeated in one transaction are delivered once.
     RETURNING pg_notify('sagaflow_dead_letters', queue)
@@ -155,7 +159,7 @@ WHERE d.seq IN (SELECT x.seq FROM bus_dead_letters x
                   AND (x.locked_until IS NULL OR x.locked_until <= $2)
                 ORDER BY x.seq LIMIT $5 FOR UPDATE SKIP LOCKED)
 RETURNING seq, queue, message_id, session_id, body, reason, description, delivery_count,
-          enqueued_at, dead_lettered_at, crash_count
+          enqueued_at, dead_lettered_at, crash_count, headers
 """
 # $1 seqs, $2 tokens, $3 now: handled, kept for inspection.
 COMPLETE_DEAD = """

@@ -92,10 +92,12 @@ async def lock_pending(conn: asyncpg.Connection, limit: int) -> list[Pending]:
 async def history_after(
     conn: asyncpg.Connection, execution_id: str, seq: int, limit: int
 ) -> list[HistoryRow]:
-    """History rows after `seq`, oldest first: the transitions not yet posted as Events."""
+    """History rows after `seq`, oldest first: the transitions not yet posted as Events.
+    Transition rows are replay records (`core/replay.py`), never Events: left out here
+    so they take no share of a pass."""
     rows = await conn.fetch(
         "SELECT seq, at, kind, step, attempt, message FROM sagaflow_history "
-        "WHERE execution_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+        "WHERE execution_id = $1 AND seq > $2 AND kind <> 'Transition' ORDER BY seq LIMIT $3",
         execution_id,
         seq,
         limit,

@@ -22,11 +22,14 @@ import asyncpg
 
 from sagaflow.adapters.postgres import admission_sql, batch_writes
 from sagaflow.adapters.postgres.batch_writes import TIMERS_CHANNEL as TIMERS_CHANNEL
+from sagaflow.adapters.postgres.bus import decode_headers, encode_headers
 from sagaflow.core.definition import Definition, compile_definition
 from sagaflow.core.effects import split_item_key
 from sagaflow.core.engine import Decision, Timer
+from sagaflow.core.fact_codec import Transition
 from sagaflow.core.manifests import WorkflowSpec
 from sagaflow.core.ports import OutgoingMessage
+from sagaflow.core.replay import TRANSITION, transition_data
 from sagaflow.core.state import ExecutionState, Failure
 
 EXECUTIONS_CHANNEL = "sagaflow_executions"
@@ -79,6 +82,12 @@ class Applied:
     execution_id: str
     decision: Decision
     message_id: str | None = None  # the consumed message, recorded in the inbox
+    # What was applied and why (`message:<id>`, `timer:<key>`, `request:<id>`,
+    # `signal:<id>`, `start`, `admission`, `parent:<execution>`): with them, a
+    # Transition history row that lets `core.replay` rebuild the state at any instant.
+    fact: Transition | None = None
+    cause: str | None = None
+    initial: ExecutionState | None = None  # on an execution's first transition
 
 
 class PostgresStore:
@@ -299,11 +308,16 @@ class PostgresStore:
         )
         return None if raw is None else ExecutionState.from_json(json.loads(raw))
 
-    async def history(self, conn: asyncpg.Connection, execution_id: str) -> list[asyncpg.Record]:
+    async def history(
+        self, conn: asyncpg.Connection, execution_id: str, *, transitions: bool = False
+    ) -> list[asyncpg.Record]:
+        """The run's history lines; with `transitions`, its Transition rows too (what
+        each transition applied, for `core.replay`)."""
+        hide = "" if transitions else f" AND kind <> '{TRANSITION}'"
         return list(
             await conn.fetch(
                 "SELECT at, kind, step, attempt, message, data FROM sagaflow_history "
-                "WHERE execution_id=$1 ORDER BY seq",
+                f"WHERE execution_id=$1{hide} ORDER BY seq",
                 execution_id,
             )
         )
@@ -369,14 +383,16 @@ class PostgresStore:
     ) -> None:
         await conn.execute(
             "INSERT INTO sagaflow_outbox (queue, message_id, session_id, body, scheduled_at, "
-            "created_at) SELECT q, m, s, b, sch, $6 FROM unnest($1::text[], $2::text[], "
-            "$3::text[], $4::bytea[], $5::timestamptz[]) AS t(q, m, s, b, sch)",
+            "created_at, headers) SELECT q, m, s, b, sch, $6, h::jsonb FROM unnest($1::text[], "
+            "$2::text[], $3::text[], $4::bytea[], $5::timestamptz[], $7::text[]) "
+            "AS t(q, m, s, b, sch, h)",
             [m.queue for m in messages],
             [m.message_id for m in messages],
             [m.session_id for m in messages],
             [m.body for m in messages],
             [m.scheduled_at for m in messages],
             now,
+            [encode_headers(m.headers) for m in messages],
         )
         await conn.execute("SELECT pg_notify($1, '')", OUTBOX_CHANNEL)
 
@@ -384,13 +400,18 @@ class PostgresStore:
         self, conn: asyncpg.Connection, limit: int
     ) -> tuple[list[int], list[OutgoingMessage]]:
         rows = await conn.fetch(
-            "SELECT seq, queue, message_id, session_id, body, scheduled_at FROM sagaflow_outbox "
-            "ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED",
+            "SELECT seq, queue, message_id, session_id, body, scheduled_at, headers "
+            "FROM sagaflow_outbox ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED",
             limit,
         )
         return [r["seq"] for r in rows], [
             OutgoingMessage(
-                r["queue"], r["message_id"], r["session_id"], bytes(r["body"]), r["scheduled_at"]
+                r["queue"],
+                r["message_id"],
+                r["session_id"],
+                bytes(r["body"]),
+                r["scheduled_at"],
+                decode_headers(r["headers"]),
             )
             for r in rows
         ]
@@ -411,6 +432,8 @@ class PostgresStore:
         for item in applied:
             d = item.decision
             eid = item.execution_id
+            if item.fact is not None:
+                history.append(_transition_row(item))
             if not d.applied:
                 if item.message_id is not None:
                     outcomes.append((item.message_id, f"ignored: {d.ignored}"))
@@ -475,6 +498,17 @@ class PostgresStore:
             row[6] = now
             row[7] = error.type if failed and error else None
             row[8] = error.message if failed and error else None
+
+
+def _transition_row(item: Applied) -> tuple[str, str, None, None, str, str]:
+    """The Transition row written before the lines of `item`'s decision."""
+    assert item.fact is not None
+    d, cause = item.decision, item.cause or "-"
+    data = transition_data(
+        item.fact, version=d.state.version, cause=cause, initial=item.initial, ignored=d.ignored
+    )
+    message = f"{type(item.fact).__name__} ({cause})"
+    return (item.execution_id, TRANSITION, None, None, message, json.dumps(data))
 
 
 def _attempt_error(state: ExecutionState, step: str, undo: bool) -> Failure | None:

@@ -196,7 +196,9 @@ class ServiceBusBus:
                     f"over the {self._max_body_bytes}-byte limit; large payloads must travel "
                     "by claim check"
                 )
-            wire = WireMessage(m.message_id, m.session_id, m.body, CONTENT_TYPE, m.scheduled_at)
+            wire = WireMessage(
+                m.message_id, m.session_id, m.body, CONTENT_TYPE, m.scheduled_at, m.headers
+            )
             by_queue.setdefault(m.queue, []).append(wire)
         await gather_all(self._client.send(queue, batch) for queue, batch in by_queue.items())
 

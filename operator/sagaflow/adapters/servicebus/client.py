@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar, cast
@@ -44,6 +44,8 @@ class WireMessage:
     body: bytes
     content_type: str
     scheduled_enqueue_time_utc: datetime | None = None
+    # Sent as the message's application properties (the W3C `traceparent`, for one).
+    headers: Mapping[str, str] | None = field(default=None, hash=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +66,8 @@ class Delivery:
     dead_letter_description: str = ""
     # The message's own lock (plain queues); None in a session, whose lock covers it.
     locked_until: datetime | None = None
+    # Its application properties with string values, as the sender set them.
+    headers: Mapping[str, str] | None = field(default=None, compare=False)
 
 
 class ServiceBusAdapterError(Exception):

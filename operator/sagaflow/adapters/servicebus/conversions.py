@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from azure.servicebus import ServiceBusMessage, ServiceBusMessageBatch, ServiceBusReceivedMessage
@@ -13,12 +13,14 @@ from sagaflow.core.ports import DeadLetter, utc_now
 
 
 def to_sdk_message(message: WireMessage) -> ServiceBusMessage:
+    properties: dict[str | bytes, Any] = dict((message.headers or {}).items())
     return ServiceBusMessage(
         message.body,
         message_id=message.message_id,
         session_id=message.session_id,
         content_type=message.content_type,
         scheduled_enqueue_time_utc=message.scheduled_enqueue_time_utc,
+        application_properties=properties or None,
     )
 
 
@@ -36,7 +38,23 @@ def delivery_from_sdk(message: ServiceBusReceivedMessage) -> Delivery:
         dead_letter_reason=message.dead_letter_reason or "",
         dead_letter_description=message.dead_letter_error_description or "",
         locked_until=message.locked_until_utc,
+        headers=headers_from_sdk(message.application_properties),
     )
+
+
+def headers_from_sdk(properties: Mapping[Any, Any] | None) -> dict[str, str] | None:
+    """Application properties with string values, keys and values decoded (over AMQP
+    the SDK may hand either out as bytes); None when there are none."""
+    headers = {
+        _text(key): _text(value)
+        for key, value in (properties or {}).items()
+        if isinstance(key, str | bytes) and isinstance(value, str | bytes)
+    }
+    return headers or None
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
 def dead_letter_from_sdk(queue: str, message: ServiceBusReceivedMessage) -> DeadLetter:

@@ -125,6 +125,7 @@ class Queues:
                     locked_until=until,
                     lock_token=d.lock_token,
                     handle=QueueHandle(link, d),
+                    headers=d.headers,
                 )
             )
         return received

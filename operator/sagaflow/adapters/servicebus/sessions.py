@@ -269,6 +269,7 @@ def _received(held: _Held, delivery: Delivery) -> ReceivedMessage:
         locked_until=held.session.locked_until,
         lock_token=delivery.lock_token,
         handle=SessionHandle(held, delivery),
+        headers=delivery.headers,
     )
 
 
