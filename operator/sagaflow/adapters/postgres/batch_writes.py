@@ -13,7 +13,8 @@ from typing import Any
 import asyncpg
 
 from sagaflow.core.decisions import Timer
-from sagaflow.core.state import ExecutionState
+from sagaflow.core.effects import split_item_key
+from sagaflow.core.state import ExecutionState, Failure
 
 # Notified when timers change, so the timer loop recomputes when to wake.
 TIMERS_CHANNEL = "sagaflow_timers"
@@ -109,3 +110,60 @@ async def write_outcomes(conn: asyncpg.Connection, outcomes: list[tuple[str, str
             [m for m, _ in outcomes],
             [o for _, o in outcomes],
         )
+
+
+# History kinds that start or settle an attempt: (status, whether it is a compensation).
+_ATTEMPT_STATUS = {
+    "StepDispatched": ("Running", False),
+    "StepSucceeded": ("Succeeded", False),
+    "StepFailed": ("Failed", False),
+    "StepRetrying": ("Failed", False),
+    "StepCompensating": ("Running", True),
+    "StepCompensated": ("Succeeded", True),
+    "StepCompensationFailed": ("Failed", True),
+    "StepCompensationRetrying": ("Failed", True),
+    # forEach items, under their item keys (`<step>[<index>]`):
+    "ItemDispatched": ("Running", False),
+    "ItemSucceeded": ("Succeeded", False),
+    "ItemFailed": ("Failed", False),
+    "ItemRetrying": ("Failed", False),
+    "ItemCompensating": ("Running", True),
+    "ItemCompensated": ("Succeeded", True),
+    "ItemCompensationFailed": ("Failed", True),
+    "ItemCompensationRetrying": ("Failed", True),
+}
+
+
+def attempt_row(
+    rows: dict[tuple[str, str, bool, int], list[Any]],
+    eid: str,
+    state: ExecutionState,
+    kind: str,
+    step: str | None,
+    attempt: int | None,
+    now: datetime,
+) -> None:
+    """Fold one history record into the attempt row it starts or settles, if any."""
+    found = _ATTEMPT_STATUS.get(kind)
+    if found is None or step is None or attempt is None:
+        return
+    status, undo = found
+    key = (eid, step, undo, attempt)
+    row = rows.setdefault(key, [eid, step, undo, attempt, status, now, None, None, None])
+    row[4] = status
+    if status != "Running":
+        error = _attempt_error(state, step, undo)
+        failed = error is not None and status == "Failed"
+        row[6] = now
+        row[7] = error.type if failed and error else None
+        row[8] = error.message if failed and error else None
+
+
+def _attempt_error(state: ExecutionState, step: str, undo: bool) -> Failure | None:
+    """The error an attempt of `step` (a step name or an item key) settled with."""
+    name, index = split_item_key(step)
+    settled = state.steps[name]
+    if index is not None and settled.items is not None:
+        item = settled.items.entries[index]
+        return item.undo_error if undo else item.error
+    return settled.undo.error if undo and settled.undo else settled.error

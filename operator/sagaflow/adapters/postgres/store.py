@@ -24,38 +24,16 @@ from sagaflow.adapters.postgres import admission_sql, batch_writes
 from sagaflow.adapters.postgres.batch_writes import TIMERS_CHANNEL as TIMERS_CHANNEL
 from sagaflow.adapters.postgres.bus import decode_headers, encode_headers
 from sagaflow.core.definition import Definition, compile_definition
-from sagaflow.core.effects import split_item_key
 from sagaflow.core.engine import Decision, Timer
 from sagaflow.core.fact_codec import Transition
 from sagaflow.core.manifests import WorkflowSpec
 from sagaflow.core.ports import OutgoingMessage
 from sagaflow.core.replay import TRANSITION, transition_data
-from sagaflow.core.state import ExecutionState, Failure
+from sagaflow.core.state import ExecutionState
 
 EXECUTIONS_CHANNEL = "sagaflow_executions"
 OUTBOX_CHANNEL = "sagaflow_outbox"
 _REMEMBERED_MAX = 100_000  # states kept for skipping decodes; cleared when exceeded
-
-# History kinds that start or settle an attempt: (status, whether it is a compensation).
-_ATTEMPT_STATUS = {
-    "StepDispatched": ("Running", False),
-    "StepSucceeded": ("Succeeded", False),
-    "StepFailed": ("Failed", False),
-    "StepRetrying": ("Failed", False),
-    "StepCompensating": ("Running", True),
-    "StepCompensated": ("Succeeded", True),
-    "StepCompensationFailed": ("Failed", True),
-    "StepCompensationRetrying": ("Failed", True),
-    # forEach items, under their item keys (`<step>[<index>]`):
-    "ItemDispatched": ("Running", False),
-    "ItemSucceeded": ("Succeeded", False),
-    "ItemFailed": ("Failed", False),
-    "ItemRetrying": ("Failed", False),
-    "ItemCompensating": ("Running", True),
-    "ItemCompensated": ("Succeeded", True),
-    "ItemCompensationFailed": ("Failed", True),
-    "ItemCompensationRetrying": ("Failed", True),
-}
 
 
 def spec_json(spec: WorkflowSpec) -> str:
@@ -464,7 +442,7 @@ class PostgresStore:
                         json.dumps(r.data) if r.data else None,
                     )
                 )
-                self._attempt_row(attempts, eid, d.state, r.kind, r.step, r.attempt, now)
+                batch_writes.attempt_row(attempts, eid, d.state, r.kind, r.step, r.attempt, now)
         await batch_writes.write_states(conn, finals, now)
         done = [i for i, s in finals.items() if s.correlation_key and s.phase.is_terminal]
         await admission_sql.release_keys(conn, done)  # a finished run frees its key
@@ -474,30 +452,6 @@ class PostgresStore:
         await batch_writes.write_outcomes(conn, outcomes)
         if finals:
             await conn.execute("SELECT pg_notify($1, '')", EXECUTIONS_CHANNEL)
-
-    @staticmethod
-    def _attempt_row(
-        rows: dict[tuple[str, str, bool, int], list[Any]],
-        eid: str,
-        state: ExecutionState,
-        kind: str,
-        step: str | None,
-        attempt: int | None,
-        now: datetime,
-    ) -> None:
-        found = _ATTEMPT_STATUS.get(kind)
-        if found is None or step is None or attempt is None:
-            return
-        status, undo = found
-        key = (eid, step, undo, attempt)
-        row = rows.setdefault(key, [eid, step, undo, attempt, status, now, None, None, None])
-        row[4] = status
-        if status != "Running":
-            error = _attempt_error(state, step, undo)
-            failed = error is not None and status == "Failed"
-            row[6] = now
-            row[7] = error.type if failed and error else None
-            row[8] = error.message if failed and error else None
 
 
 def _transition_row(item: Applied) -> tuple[str, str, None, None, str, str]:
@@ -509,16 +463,6 @@ def _transition_row(item: Applied) -> tuple[str, str, None, None, str, str]:
     )
     message = f"{type(item.fact).__name__} ({cause})"
     return (item.execution_id, TRANSITION, None, None, message, json.dumps(data))
-
-
-def _attempt_error(state: ExecutionState, step: str, undo: bool) -> Failure | None:
-    """The error an attempt of `step` (a step name or an item key) settled with."""
-    name, index = split_item_key(step)
-    settled = state.steps[name]
-    if index is not None and settled.items is not None:
-        item = settled.items.entries[index]
-        return item.undo_error if undo else item.error
-    return settled.undo.error if undo and settled.undo else settled.error
 
 
 def new_execution_id() -> str:
