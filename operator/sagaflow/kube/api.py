@@ -93,42 +93,22 @@ class ClientKubeApi:
         return await loop.run_in_executor(self._threads, call)
 
     async def get(self, plural: str, namespace: str, name: str) -> Body | None:
-        try:
-            response = await self._call(
-                self._custom.get_namespaced_custom_object,
-                API_GROUP,
-                VERSION,
-                namespace,
-                plural,
-                name,
-            )
-        except kubernetes.client.ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        body: Body = json.loads(response.data)
-        return body
+        get = self._custom.get_namespaced_custom_object
+        return await self._found(get, API_GROUP, VERSION, namespace, plural, name)
 
     async def get_peering(self, namespace: str | None, name: str) -> Body | None:
         """kopf's peering object: a KopfPeering in `namespace`, else the cluster's."""
+        custom = self._custom
+        if namespace is None:
+            cluster = custom.get_cluster_custom_object
+            return await self._found(cluster, PEERING_GROUP, "v1", "clusterkopfpeerings", name)
+        namespaced = custom.get_namespaced_custom_object
+        return await self._found(namespaced, PEERING_GROUP, "v1", namespace, "kopfpeerings", name)
+
+    async def _found(self, fn: Any, *args: Any) -> Body | None:
+        """The object a read returns; None for a 404."""
         try:
-            if namespace is None:
-                response = await self._call(
-                    self._custom.get_cluster_custom_object,
-                    PEERING_GROUP,
-                    "v1",
-                    "clusterkopfpeerings",
-                    name,
-                )
-            else:
-                response = await self._call(
-                    self._custom.get_namespaced_custom_object,
-                    PEERING_GROUP,
-                    "v1",
-                    namespace,
-                    "kopfpeerings",
-                    name,
-                )
+            response = await self._call(fn, *args)
         except kubernetes.client.ApiException as exc:
             if exc.status == 404:
                 return None
