@@ -167,6 +167,11 @@ async def test_signals_accepted_and_refused_are_counted(h: Harness) -> None:
     def to_run(name: str) -> SignalMessage:
         return SignalMessage(ns, name, {}, execution="run-1")
 
+    sampler = GaugeSampler(h.pool, bus_in_database=True, clock=h.clock)
+    await sampler.sample_once()
+    waiting = {"namespace": ns, "workflow": "gate"}
+    assert value("sagaflow_executions_awaiting_signal", **waiting) == 1
+    assert value("sagaflow_executions", **waiting, phase="Running") == 1
     refused = await o.signal(to_run("nope"), "s-1")
     accepted = await o.signal(to_run("approve"), "s-2")
     again = await o.signal(to_run("approve"), "s-2")
@@ -175,6 +180,8 @@ async def test_signals_accepted_and_refused_are_counted(h: Harness) -> None:
     assert value("sagaflow_signals_total", **labels, signal="approve", outcome="accepted") == 1
     assert value("sagaflow_signals_total", **labels, signal="*", outcome="refused") == 1
     assert await phase(h, ns) == "Completed"
+    await sampler.sample_once()
+    assert REGISTRY.get_sample_value("sagaflow_executions_awaiting_signal", waiting) is None
 
 
 async def test_gauges_sample_phases_timers_and_queues(h: Harness) -> None:
@@ -187,6 +194,8 @@ async def test_gauges_sample_phases_timers_and_queues(h: Harness) -> None:
     await sampler.sample_once()
     running = {"namespace": ns, "workflow": "saga", "phase": "Running"}
     assert value("sagaflow_executions", **running) == 2
+    waiting = {"namespace": ns, "workflow": "saga"}
+    assert REGISTRY.get_sample_value("sagaflow_executions_awaiting_signal", waiting) is None
     assert value("sagaflow_queue_depth", queue="steps.svc") == 2
     assert value("sagaflow_timers_due") == 0
 

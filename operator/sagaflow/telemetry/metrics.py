@@ -136,6 +136,12 @@ EXECUTIONS = Gauge(
     ["namespace", "workflow", "phase"],
     registry=REGISTRY,
 )
+EXECUTIONS_AWAITING_SIGNAL = Gauge(
+    "sagaflow_executions_awaiting_signal",
+    "Running executions with a step waiting for a signal: idle on purpose, not stuck.",
+    ["namespace", "workflow"],
+    registry=REGISTRY,
+)
 OUTBOX_PENDING = Gauge(
     "sagaflow_outbox_pending", "Outbox rows not yet sent to the bus.", registry=REGISTRY
 )

@@ -13,12 +13,15 @@ from datetime import datetime
 
 import asyncpg
 
+from sagaflow.core.definition import WAIT_SIGNAL
+
 _ENDED = ("Completed", "Failed", "Cancelled", "Compensated")
 
 
 @dataclass(frozen=True, slots=True)
 class Sample:
     phases: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    awaiting_signal: dict[tuple[str, str], int] = field(default_factory=dict)
     outbox_pending: int = 0
     outbox_oldest: datetime | None = None
     timers_due: int = 0
@@ -34,6 +37,19 @@ async def sample(conn: asyncpg.Connection, now: datetime, *, bus: bool) -> Sampl
         "SELECT namespace, workflow, phase, count(*) AS n FROM sagaflow_executions "
         "WHERE phase <> ALL($1::text[]) GROUP BY namespace, workflow, phase",
         list(_ENDED),
+    )
+    # A step waits for a signal when it is Running and its type, in the version the run
+    # pins, is sagaflow.waitForSignal.
+    awaiting = await conn.fetch(
+        "SELECT e.namespace, e.workflow, count(*) AS n FROM sagaflow_executions e "
+        "JOIN sagaflow_workflow_versions v ON v.namespace = e.namespace "
+        "AND v.name = e.workflow AND v.version = e.workflow_version "
+        "WHERE e.phase = 'Running' AND EXISTS ("
+        "  SELECT 1 FROM jsonb_array_elements(e.state->'steps') s "
+        "  JOIN jsonb_array_elements(v.spec->'steps') d ON d->>'name' = s->>'name' "
+        "  WHERE s->>'phase' = 'Running' AND d->>'type' = $1"
+        ") GROUP BY e.namespace, e.workflow",
+        WAIT_SIGNAL,
     )
     outbox = await conn.fetchrow("SELECT count(*) AS n, min(created_at) AS o FROM sagaflow_outbox")
     timers = await conn.fetchrow(
@@ -62,6 +78,7 @@ async def sample(conn: asyncpg.Connection, now: datetime, *, bus: bool) -> Sampl
     assert mirror is not None
     return Sample(
         phases={(r["namespace"], r["workflow"], r["phase"]): r["n"] for r in phases},
+        awaiting_signal={(r["namespace"], r["workflow"]): r["n"] for r in awaiting},
         outbox_pending=outbox["n"],
         outbox_oldest=outbox["o"],
         timers_due=timers["n"],
