@@ -40,6 +40,7 @@ from sagaflow.kube.launcher import (
     IDEMPOTENCY_KEY,
     REQUEST_HASH,
     SCHEDULE_LABEL,
+    TRACEPARENT,
     TRIGGER_LABEL,
     KubeLauncher,
     execution_body,
@@ -51,6 +52,7 @@ from sagaflow.kube.launcher import (
 )
 from sagaflow.runtime.startpath import IdempotencyConflictError, Source, StartCall
 from sagaflow.runtime.starts import NameInUseError, StartKey
+from sagaflow.telemetry import tracing
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -143,6 +145,18 @@ def tick(key: str = "2026-01-01T02:00:00Z", **extra: Any) -> StartCall:
 
 
 # --- start: the object it creates -------------------------------------------------------
+
+
+def test_a_start_in_a_trace_writes_its_traceparent_on_the_object() -> None:
+    caller = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    with tracing.incoming({"traceparent": caller}):
+        traced = execution_body(tick(), "nightly-1")
+    plain = execution_body(tick(), "nightly-1")
+    annotations = traced["metadata"]["annotations"]
+    assert annotations[TRACEPARENT] == caller
+    assert TRACEPARENT not in plain["metadata"]["annotations"]
+    # The trace is not part of the request: a repeat from another trace is the same start.
+    assert annotations[REQUEST_HASH] == plain["metadata"]["annotations"][REQUEST_HASH]
 
 
 async def test_a_start_creates_the_execution_object_marked_with_its_source(

@@ -72,11 +72,12 @@ from sagaflow.kube.control import (
     redrive_seen,
     spec_condition,
 )
-from sagaflow.kube.launcher import start_key_of
+from sagaflow.kube.launcher import TRACEPARENT, start_key_of
 from sagaflow.runtime import admission, starts
 from sagaflow.runtime.orchestrator import Orchestrator
 from sagaflow.runtime.outages import describe
 from sagaflow.runtime.starts import CorrelationKeyInUseError, StartRequest
+from sagaflow.telemetry import tracing
 
 T = TypeVar("T")
 
@@ -184,8 +185,10 @@ async def start_execution(
         correlation_key=spec.correlation_key,
         start_key=start_key_of(body),
     )
+    carried = {tracing.TRACEPARENT: (meta.get("annotations") or {}).get(TRACEPARENT, "")}
     try:
-        state, created = await starts.start(ctx.orchestrator, request, uid)
+        with tracing.incoming(carried):
+            state, created = await starts.start(ctx.orchestrator, request, uid)
     except starts.KeyUsedError as exc:
         # Another run holds the object's idempotency key (a different request): refused.
         reason = f"idempotency key {exc.request.start_key.key!r} started execution {exc.holder}"  # type: ignore[union-attr]

@@ -8,7 +8,8 @@ writes the object a person could have written, marked with where it came from:
 - the label `sagaflow.io/schedule` or `sagaflow.io/trigger` (the source's name), which
   `active` lists by, and an ownerReference to the source (`controller`, not blocking
   deletion), so deleting a Schedule deletes its runs' objects;
-- the annotations `sagaflow.io/idempotency-key` and `sagaflow.io/request-hash`, and
+- the annotations `sagaflow.io/idempotency-key`, `sagaflow.io/request-hash` and, when
+  the start has a trace, `sagaflow.io/traceparent` (the handler starts the run in it), and
   the label `sagaflow.io/idempotency-hash` (a digest of the key, as label values are
   short and restricted), through which a key reused under another name is found.
 
@@ -46,6 +47,7 @@ from sagaflow.kube.api import (
 from sagaflow.kube.events import COMPONENT
 from sagaflow.runtime.startpath import IdempotencyConflictError, Source, StartCall
 from sagaflow.runtime.starts import NameInUseError, StartKey
+from sagaflow.telemetry import tracing
 
 SCHEDULES = "schedules"
 TRIGGERS = "triggers"
@@ -54,6 +56,9 @@ TRIGGER_LABEL = f"{API_GROUP}/trigger"
 IDEMPOTENCY_HASH_LABEL = f"{API_GROUP}/idempotency-hash"
 IDEMPOTENCY_KEY = f"{API_GROUP}/idempotency-key"
 REQUEST_HASH = f"{API_GROUP}/request-hash"
+# The W3C traceparent of the start: the run's trace continues its caller's (an HTTP
+# start, a trigger's message). A person or a pipeline may set it on an object too.
+TRACEPARENT = f"{API_GROUP}/traceparent"
 CANCEL_REASON = f"{API_GROUP}/cancel-reason"
 
 _LABEL_MAX = 63
@@ -122,6 +127,9 @@ def execution_body(call: StartCall, name: str) -> Body:
     if call.idempotency_key is not None:
         labels[IDEMPOTENCY_HASH_LABEL] = idempotency_hash(call.idempotency_key)
         annotations[IDEMPOTENCY_KEY] = call.idempotency_key
+    traceparent = tracing.inject().get(tracing.TRACEPARENT)
+    if traceparent is not None:
+        annotations[TRACEPARENT] = traceparent
     meta: Body = {"name": name, "namespace": call.namespace}
     owner = SOURCE_KINDS.get(call.source.kind)
     if owner is not None and call.source.name:
