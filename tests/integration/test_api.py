@@ -376,6 +376,19 @@ async def test_healthz_and_an_openapi_document_naming_every_route(api: Api) -> N
     assert set(error_schema["properties"]) == set(ApiError(400, "X", "m", "f").to_json()["error"])
 
 
+async def test_a_workflow_version_is_read_by_number(api: Api) -> None:
+    changed = ORDERS.model_copy(update={"timeout": "1h"})
+    await api.h.orchestrator.apply_workflow(NS, "orders", changed)
+    base = f"/v1/namespaces/{NS}/workflows/orders/versions"
+    first, second = await api.call("GET", f"{base}/1"), await api.call("GET", f"{base}/2")
+    assert first[0] == second[0] == 200
+    assert "timeout" not in first[1]["spec"] and second[1]["spec"]["timeout"] == "1h"
+    assert (first[1]["kind"], first[1]["status"]["version"]) == ("Workflow", 1)
+    assert err(await api.call("GET", f"{base}/3")) == (404, "NotFound", None)
+    assert err(await api.call("GET", f"{base}/one")) == (400, "BadRequest", "version")
+    assert err(await api.call("GET", f"{base}/0")) == (400, "BadRequest", "version")
+
+
 async def test_the_http_client_gives_back_what_the_service_gives(api: Api) -> None:
     client = HttpClient(api.url)
     service = DirectService(api.h.orchestrator)
@@ -396,6 +409,9 @@ async def test_the_http_client_gives_back_what_the_service_gives(api: Api) -> No
         expected = await service.list_executions(NS, workflow="approval")
         assert await client.list_executions(NS, workflow="approval") == expected
         assert await client.list_workflows(NS) == await service.list_workflows(NS)
+        pinned = await client.get_workflow_version(NS, "orders", 1)
+        assert pinned == await service.get_workflow_version(NS, "orders", 1)
+        assert pinned["spec"]["steps"][0]["name"] == "work" and pinned["status"]["version"] == 1
         assert await client.list_schedules(NS) == SCHEDULES
 
         outcome = await client.signal(NS, "wait-1", "go", {"ok": True}, signal_id="s-1")

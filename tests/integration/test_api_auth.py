@@ -197,6 +197,12 @@ class StubService:
     async def list_workflows(self, namespace: str) -> list[dict[str, Any]]:
         return []
 
+    async def state_at(self, namespace: str, name: str, at: Any) -> dict[str, Any]:
+        return {"phase": "Running"}
+
+    async def get_workflow_version(self, namespace: str, name: str, version: int) -> dict[str, Any]:
+        return {"metadata": {"name": name}, "status": {"version": version}}
+
     async def list_schedules(self, namespace: str) -> list[dict[str, Any]]:
         return []
 
@@ -246,6 +252,8 @@ ROUTES: Sequence[tuple[str, str, Any, Verb]] = [
     ("GET", "/v1/namespaces/team-a/executions/run-1/history", None, "get"),
     ("GET", "/v1/namespaces/team-a/executions", None, "get"),
     ("GET", "/v1/namespaces/team-a/workflows", None, "get"),
+    ("GET", "/v1/namespaces/team-a/workflows/orders/versions/1", None, "get"),
+    ("GET", "/v1/namespaces/team-a/executions/run-1/state?at=2026-01-01T00:00:00Z", None, "get"),
     ("GET", "/v1/namespaces/team-a/schedules", None, "get"),
     ("POST", "/v1/namespaces/team-a/executions/run-1/signals/go", {"data": 1}, "patch"),
     ("POST", "/v1/namespaces/team-a/executions/run-1:suspend", None, "patch"),

@@ -176,6 +176,17 @@ class _Routes:
         _query(request, ())
         return web.json_response({"items": await self.service.list_workflows(namespace)})
 
+    async def workflow_version(self, request: web.Request) -> web.Response:
+        namespace, _ = await self._caller(request, "get")
+        _query(request, ())
+        text = request.match_info["version"]
+        if not text.isdigit() or int(text) < 1:
+            raise bad_request(f"version: expected a number from 1, got {text!r}", "version")
+        found = await self.service.get_workflow_version(
+            namespace, request.match_info["wf"], int(text)
+        )
+        return web.json_response(found)
+
     async def list_schedules(self, request: web.Request) -> web.Response:
         namespace, _ = await self._caller(request, "get")
         _query(request, ())
@@ -340,6 +351,7 @@ def make_app(
     add.add_get("/openapi.json", openapi_json)
     add.add_get("/metrics", metrics_text)
     add.add_get(f"{ns}/workflows", routes.list_workflows)
+    add.add_get(f"{ns}/workflows/{{wf}}/versions/{{version}}", routes.workflow_version)
     add.add_post(f"{ns}/workflows/{{wf}}/executions", routes.start)
     add.add_get(f"{ns}/executions", routes.list_executions)
     # The control actions before the plain name: `{name}` alone would match `x:cancel`.

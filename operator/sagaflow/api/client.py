@@ -132,6 +132,11 @@ class HttpClient:
         items: list[dict[str, Any]] = payload["items"]
         return items
 
+    async def get_workflow_version(self, namespace: str, name: str, version: int) -> dict[str, Any]:
+        path = f"/v1/namespaces/{_seg(namespace)}/workflows/{_seg(name)}/versions/{version}"
+        found: dict[str, Any] = await self._call("GET", path)
+        return found
+
     async def list_schedules(self, namespace: str) -> list[dict[str, Any]]:
         payload = await self._call("GET", f"/v1/namespaces/{_seg(namespace)}/schedules")
         items: list[dict[str, Any]] = payload["items"]

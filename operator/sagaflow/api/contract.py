@@ -115,6 +115,10 @@ class Sagaflow(Protocol):
         """Workflow objects: metadata, spec, status {version, executions by phase}."""
         ...
 
+    async def get_workflow_version(self, namespace: str, name: str, version: int) -> dict[str, Any]:
+        """A Workflow object of one stored version (the one a run pins): 404 if none."""
+        ...
+
     async def list_schedules(self, namespace: str) -> list[dict[str, Any]]:
         """Schedule objects with their status (ScheduleStatus's fields)."""
         ...

@@ -126,6 +126,18 @@ def _paths() -> Doc:
             [ns],
             "ItemList",
         ),
+        f"{NS}/workflows/{{wf}}/versions/{{version}}": _read(
+            "getWorkflowVersion",
+            "One stored version of a workflow (the one a run pins: its status's "
+            "workflowVersion). 400 (field `version`) for a version that is not a number.",
+            [
+                ns,
+                _path_param("wf", "The workflow's name."),
+                _path_param("version", "The version, from 1."),
+            ],
+            "Object",
+            404,
+        ),
         f"{NS}/workflows/{{wf}}/executions": {
             "post": _operation(
                 "startExecution",
@@ -319,6 +331,7 @@ SCHEMAS: Doc = {
             "continue": {"type": ["string", "null"], "description": "null: the last page."},
         },
     },
+    "Object": {"type": "object"},
     "ItemList": {
         "type": "object",
         "required": ["items"],

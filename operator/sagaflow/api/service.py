@@ -186,6 +186,19 @@ class DirectService:
             for r in rows
         ]
 
+    async def get_workflow_version(self, namespace: str, name: str, version: int) -> dict[str, Any]:
+        async with self.o.pool.acquire() as conn:
+            found = await api_reads.workflow_version(conn, namespace, name, version)
+        if found is None:
+            raise not_found(f"workflow {namespace}/{name} has no version {version}")
+        return {
+            "apiVersion": API_VERSION,
+            "kind": "Workflow",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": found["spec"],
+            "status": {"version": version, "createdAt": found["createdAt"].isoformat()},
+        }
+
     async def list_schedules(self, namespace: str) -> list[dict[str, Any]]:
         return [] if self._schedules is None else await self._schedules(namespace)
 

@@ -66,6 +66,22 @@ async def execution_page(
     return states, encode_position(last["created_at"], last["execution_id"])
 
 
+async def workflow_version(
+    conn: asyncpg.Connection, namespace: str, name: str, version: int
+) -> dict[str, Any] | None:
+    """One stored version of a workflow: its spec, and when it was stored."""
+    row = await conn.fetchrow(
+        "SELECT spec, created_at FROM sagaflow_workflow_versions "
+        "WHERE namespace = $1 AND name = $2 AND version = $3",
+        namespace,
+        name,
+        version,
+    )
+    if row is None:
+        return None
+    return {"spec": json.loads(row["spec"]), "createdAt": row["created_at"]}
+
+
 async def workflows(conn: asyncpg.Connection, namespace: str) -> list[dict[str, Any]]:
     """Each current workflow of the namespace with its spec, version and run counts."""
     rows = await conn.fetch(

@@ -318,6 +318,7 @@
     byId("crumbs").replaceChildren(el("a", { href: `/ui?${new URLSearchParams({ namespace: ns })}` }, ns), " / ", name);
     const live = byId("live");
     let spec = null;
+    let specVersion = null;
     let seen = "";
     let timer = null;
     let order = [];
@@ -328,11 +329,19 @@
       let history;
       try {
         [execution, history] = await Promise.all([S.api(base), S.api(`${base}/history`)]);
-        if (spec === null) {
-          const wf = (execution.spec.workflowRef || {}).name;
-          const workflows = await S.api(`${encodeURIComponent(ns)}/workflows`);
-          const found = workflows.items.find((w) => w.metadata.name === wf);
-          spec = found ? found.spec : {};
+        // The DAG of the version the run pins (a redrive onto the latest moves it).
+        const version = (execution.status || {}).workflowVersion;
+        if (spec === null || (version && version !== specVersion)) {
+          const wf = encodeURIComponent((execution.spec.workflowRef || {}).name);
+          if (version) {
+            const found = await S.api(`${encodeURIComponent(ns)}/workflows/${wf}/versions/${version}`);
+            spec = found.spec;
+            specVersion = version;
+          } else {
+            const workflows = await S.api(`${encodeURIComponent(ns)}/workflows`);
+            const found = workflows.items.find((w) => w.metadata.name === decodeURIComponent(wf));
+            spec = found ? found.spec : {};
+          }
         }
       } catch (error) {
         live.hidden = true;
