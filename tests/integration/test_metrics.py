@@ -169,9 +169,9 @@ async def test_signals_accepted_and_refused_are_counted(h: Harness) -> None:
 
     sampler = GaugeSampler(h.pool, bus_in_database=True, clock=h.clock)
     await sampler.sample_once()
-    waiting = {"namespace": ns, "workflow": "gate"}
-    assert value("sagaflow_executions_awaiting_signal", **waiting) == 1
-    assert value("sagaflow_executions", **waiting, phase="Running") == 1
+    waiting = {"namespace": ns, "workflow": "gate", "reason": "signal"}
+    assert value("sagaflow_executions_waiting", **waiting) == 1
+    assert value("sagaflow_executions", namespace=ns, workflow="gate", phase="Running") == 1
     refused = await o.signal(to_run("nope"), "s-1")
     accepted = await o.signal(to_run("approve"), "s-2")
     again = await o.signal(to_run("approve"), "s-2")
@@ -181,7 +181,7 @@ async def test_signals_accepted_and_refused_are_counted(h: Harness) -> None:
     assert value("sagaflow_signals_total", **labels, signal="*", outcome="refused") == 1
     assert await phase(h, ns) == "Completed"
     await sampler.sample_once()
-    assert REGISTRY.get_sample_value("sagaflow_executions_awaiting_signal", waiting) is None
+    assert REGISTRY.get_sample_value("sagaflow_executions_waiting", waiting) is None
 
 
 async def test_gauges_sample_phases_timers_and_queues(h: Harness) -> None:
@@ -194,8 +194,9 @@ async def test_gauges_sample_phases_timers_and_queues(h: Harness) -> None:
     await sampler.sample_once()
     running = {"namespace": ns, "workflow": "saga", "phase": "Running"}
     assert value("sagaflow_executions", **running) == 2
-    waiting = {"namespace": ns, "workflow": "saga"}
-    assert REGISTRY.get_sample_value("sagaflow_executions_awaiting_signal", waiting) is None
+    for reason in ("signal", "timer", "retry"):  # running a step is not waiting
+        waiting = {"namespace": ns, "workflow": "saga", "reason": reason}
+        assert REGISTRY.get_sample_value("sagaflow_executions_waiting", waiting) is None
     assert value("sagaflow_queue_depth", queue="steps.svc") == 2
     assert value("sagaflow_timers_due") == 0
 
@@ -214,6 +215,53 @@ async def test_gauges_sample_phases_timers_and_queues(h: Harness) -> None:
     await sampler.sample_once()
     # Ended runs leave the phase gauge; a vanished series is removed, not left at 2.
     assert REGISTRY.get_sample_value("sagaflow_executions", running) is None
+
+
+async def test_runs_idle_on_purpose_are_counted_by_what_they_wait_for(h: Harness) -> None:
+    ns = f"m-{uuid.uuid4().hex[:8]}"
+    spec = WorkflowSpec.model_validate(
+        {
+            "retry": {"maxAttempts": 3, "initialInterval": "1h"},
+            "signals": [{"name": "go"}],
+            "steps": [
+                {"name": "work", "type": "svc.work"},
+                {"name": "pause", "type": "sagaflow.wait", "input": {"duration": "1d"}},
+                {"name": "gate", "type": "sagaflow.waitForSignal", "input": {"signal": "go"}},
+            ],
+        }
+    )
+    o = h.orchestrator
+    await o.apply_workflow(ns, "idle", spec)
+    for name in ("run-1", "run-2"):
+        await o.start(ns, name, "idle", {})
+    msg, cmd = (await h.commands("svc"))[0]
+    await h.reply(msg, failed(cmd))  # one run's work fails: an hour's backoff
+    await o.consume_once(max_wait=0)
+    sampler = GaugeSampler(h.pool, bus_in_database=True, clock=h.clock)
+    await sampler.sample_once()
+
+    def waiting(reason: str) -> float | None:
+        labels = {"namespace": ns, "workflow": "idle", "reason": reason}
+        return REGISTRY.get_sample_value("sagaflow_executions_waiting", labels)
+
+    # Both wait for the signal (counted once each), one also backs off: signal comes first.
+    assert (waiting("signal"), waiting("timer"), waiting("retry")) == (2, None, None)
+    await o.signal(SignalMessage(ns, "go", {}, execution="run-1"), "s-1")
+    await o.signal(SignalMessage(ns, "go", {}, execution="run-2"), "s-2")
+    await sampler.sample_once()
+    assert (waiting("signal"), waiting("timer"), waiting("retry")) == (None, 2, None)
+
+    flaky = WorkflowSpec.model_validate(
+        {"retry": {"maxAttempts": 3, "initialInterval": "1h"}, "steps": spec.steps[:1]}
+    )
+    await o.apply_workflow(ns, "flaky", flaky)
+    await o.start(ns, "run-3", "flaky", {})
+    msg, cmd = next((m, c) for m, c in await h.commands("svc") if c.attempt == 1)
+    await h.reply(msg, failed(cmd))
+    await o.consume_once(max_wait=0)
+    await sampler.sample_once()
+    labels = {"namespace": ns, "workflow": "flaky", "reason": "retry"}
+    assert REGISTRY.get_sample_value("sagaflow_executions_waiting", labels) == 1
 
 
 async def test_the_runner_counts_queue_wait_and_step_duration(pg_pool: asyncpg.Pool) -> None:

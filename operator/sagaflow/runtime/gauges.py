@@ -36,7 +36,7 @@ class GaugeSampler:
     ) -> None:
         self._pool, self._bus, self._clock, self.interval = pool, bus_in_database, clock, interval
         self._phases: set[tuple[str, str, str]] = set()
-        self._awaiting: set[tuple[str, str]] = set()
+        self._waiting: set[tuple[str, str, str]] = set()
         self._queues: set[str] = set()
 
     async def sample_once(self) -> gauges_sql.Sample:
@@ -48,11 +48,11 @@ class GaugeSampler:
         for key, count in s.phases.items():
             metrics.EXECUTIONS.labels(*key).set(count)
         self._phases = set(s.phases)
-        for run in self._awaiting - s.awaiting_signal.keys():
-            metrics.EXECUTIONS_AWAITING_SIGNAL.remove(*run)
-        for run, count in s.awaiting_signal.items():
-            metrics.EXECUTIONS_AWAITING_SIGNAL.labels(*run).set(count)
-        self._awaiting = set(s.awaiting_signal)
+        for key in self._waiting - s.waiting.keys():
+            metrics.EXECUTIONS_WAITING.remove(*key)
+        for key, count in s.waiting.items():
+            metrics.EXECUTIONS_WAITING.labels(*key).set(count)
+        self._waiting = set(s.waiting)
         for queue in self._queues - s.queues.keys():
             metrics.QUEUE_DEPTH.labels(queue).set(0)  # known queue, now empty
         for queue, count in s.queues.items():

@@ -136,10 +136,12 @@ EXECUTIONS = Gauge(
     ["namespace", "workflow", "phase"],
     registry=REGISTRY,
 )
-EXECUTIONS_AWAITING_SIGNAL = Gauge(
-    "sagaflow_executions_awaiting_signal",
-    "Running executions with a step waiting for a signal: idle on purpose, not stuck.",
-    ["namespace", "workflow"],
+EXECUTIONS_WAITING = Gauge(
+    "sagaflow_executions_waiting",
+    "Running executions idle on purpose, not stuck, by what they wait for: a signal "
+    "(a waitForSignal step), a timer (a sagaflow.wait step) or a retry's backoff; "
+    "each run counted once, under the first of these that holds.",
+    ["namespace", "workflow", "reason"],
     registry=REGISTRY,
 )
 OUTBOX_PENDING = Gauge(

@@ -13,7 +13,7 @@ from datetime import datetime
 
 import asyncpg
 
-from sagaflow.core.definition import WAIT_SIGNAL
+from sagaflow.core.definition import WAIT, WAIT_SIGNAL
 
 _ENDED = ("Completed", "Failed", "Cancelled", "Compensated")
 
@@ -21,7 +21,8 @@ _ENDED = ("Completed", "Failed", "Cancelled", "Compensated")
 @dataclass(frozen=True, slots=True)
 class Sample:
     phases: dict[tuple[str, str, str], int] = field(default_factory=dict)
-    awaiting_signal: dict[tuple[str, str], int] = field(default_factory=dict)
+    # (namespace, workflow, reason: signal, timer or retry) -> Running runs idle on purpose
+    waiting: dict[tuple[str, str, str], int] = field(default_factory=dict)
     outbox_pending: int = 0
     outbox_oldest: datetime | None = None
     timers_due: int = 0
@@ -38,18 +39,26 @@ async def sample(conn: asyncpg.Connection, now: datetime, *, bus: bool) -> Sampl
         "WHERE phase <> ALL($1::text[]) GROUP BY namespace, workflow, phase",
         list(_ENDED),
     )
-    # A step waits for a signal when it is Running and its type, in the version the run
-    # pins, is sagaflow.waitForSignal.
-    awaiting = await conn.fetch(
-        "SELECT e.namespace, e.workflow, count(*) AS n FROM sagaflow_executions e "
-        "JOIN sagaflow_workflow_versions v ON v.namespace = e.namespace "
-        "AND v.name = e.workflow AND v.version = e.workflow_version "
-        "WHERE e.phase = 'Running' AND EXISTS ("
-        "  SELECT 1 FROM jsonb_array_elements(e.state->'steps') s "
-        "  JOIN jsonb_array_elements(v.spec->'steps') d ON d->>'name' = s->>'name' "
-        "  WHERE s->>'phase' = 'Running' AND d->>'type' = $1"
-        ") GROUP BY e.namespace, e.workflow",
+    # What a Running run waits for, from its steps: a Running step whose type (in the
+    # version the run pins) is waitForSignal or wait, or a step Retrying (in backoff).
+    # Each run once, under the first reason that holds, so the counts can be subtracted.
+    waiting = await conn.fetch(
+        "SELECT namespace, workflow, reason, count(*) AS n FROM ("
+        "  SELECT e.namespace, e.workflow, CASE"
+        "    WHEN bool_or(s->>'phase' = 'Running' AND d->>'type' = $1) THEN 'signal'"
+        "    WHEN bool_or(s->>'phase' = 'Running' AND d->>'type' = $2) THEN 'timer'"
+        "    WHEN bool_or(s->>'phase' = 'Retrying') THEN 'retry' END AS reason"
+        "  FROM sagaflow_executions e"
+        "  JOIN sagaflow_workflow_versions v ON v.namespace = e.namespace"
+        "   AND v.name = e.workflow AND v.version = e.workflow_version"
+        "  CROSS JOIN LATERAL jsonb_array_elements(e.state->'steps') s"
+        "  LEFT JOIN LATERAL jsonb_array_elements(v.spec->'steps') d"
+        "   ON d->>'name' = s->>'name'"
+        "  WHERE e.phase = 'Running'"
+        "  GROUP BY e.execution_id, e.namespace, e.workflow"
+        ") runs WHERE reason IS NOT NULL GROUP BY namespace, workflow, reason",
         WAIT_SIGNAL,
+        WAIT,
     )
     outbox = await conn.fetchrow("SELECT count(*) AS n, min(created_at) AS o FROM sagaflow_outbox")
     timers = await conn.fetchrow(
@@ -78,7 +87,7 @@ async def sample(conn: asyncpg.Connection, now: datetime, *, bus: bool) -> Sampl
     assert mirror is not None
     return Sample(
         phases={(r["namespace"], r["workflow"], r["phase"]): r["n"] for r in phases},
-        awaiting_signal={(r["namespace"], r["workflow"]): r["n"] for r in awaiting},
+        waiting={(r["namespace"], r["workflow"], r["reason"]): r["n"] for r in waiting},
         outbox_pending=outbox["n"],
         outbox_oldest=outbox["o"],
         timers_due=timers["n"],
