@@ -1,5 +1,10 @@
 """The metrics after known runs: exact counts, on real Postgres and the Postgres bus.
 
+Covered: starts, ends and their durations; step attempts by every outcome;
+compensations; signals; inbox duplicates; dead letters; schedule ticks (against the
+schedule's own counts); the sampled gauges (phases, runs idle on purpose, timers,
+queues, the mirror); the runner's histograms and its /metrics server.
+
 The orchestrator's side is driven one pass at a time with a fake clock and a
 hand-played runner (as in `test_orchestrator.py`), so every retry, timeout, stale
 result and duplicate is one we made. Counters are process-wide: each test runs in a
@@ -19,6 +24,7 @@ import asyncpg
 import pytest
 from pg import FakeClock
 from test_orchestrator import Harness, completed, failed
+from test_schedules import NS, World, w  # noqa: F401 - `w`, the schedule runner's world
 
 from sagaflow.adapters.postgres.bus import PostgresBus
 from sagaflow.core.manifests import WorkflowSpec
@@ -318,3 +324,62 @@ def test_a_runner_host_serves_its_metrics() -> None:
         served.close()
     assert "# TYPE sagaflow_step_attempts_total counter" in text
     assert 'sagaflow_build_info{python="' in text
+
+
+async def test_schedule_ticks_are_counted_as_the_schedule_counts_them(w: World) -> None:  # noqa: F811
+    name = f"m-{uuid.uuid4().hex[:8]}"
+    await w.put(name=name, catchupWindow="90m")  # overlap Skip
+    # Down from 11:59:30 to 15:00:10: 12:00 and 13:00 are missed, 14:00 starts and
+    # 15:00 is skipped while it runs; then 16:00 starts once it is done.
+    assert await w.at("2026-05-10T15:00:10Z") == {"Missed": 1, "Started": 1, "Skipped": 1}
+    w.launcher.finish_all()
+    assert await w.at("2026-05-10T16:00:00Z") == {"Started": 1}
+
+    def ticks(outcome: str) -> float:
+        return value("sagaflow_schedule_ticks_total", namespace=NS, schedule=name, outcome=outcome)
+
+    status = await w.status(name)
+    assert (ticks("started"), ticks("skipped"), ticks("missed")) == (2, 1, 2)
+    assert (status["started"], status["skipped"], status["missed"]) == (2, 1, 2)
+    assert ticks("failed") == 0
+
+
+async def test_dead_letters_are_counted_by_queue_and_reason(h: Harness) -> None:
+    ns = f"m-{uuid.uuid4().hex[:8]}"
+    o = h.orchestrator
+    await o.apply_workflow(ns, "saga", SAGA)
+    await o.start(ns, "run-1", "saga", {})
+    msg, _ = await one(h, "svc")
+    reason = f"Poison{uuid.uuid4().hex[:6]}"  # a reason no other test dead-letters with
+    await h.bus.dead_letter(msg, reason=reason, description="the runner could not read it")
+    assert await o.dead_letters_once() == 1
+    assert value("sagaflow_dead_letters_total", queue="steps.svc", reason=reason) == 1
+    assert await phase(h, ns) == "Failed"  # nothing to undo: reserve never ran
+    assert await o.dead_letters_once() == 0  # handled once, counted once
+    assert value("sagaflow_dead_letters_total", queue="steps.svc", reason=reason) == 1
+
+
+async def test_the_mirror_backlog_and_lag_are_sampled(h: Harness) -> None:
+    ns = f"m-{uuid.uuid4().hex[:8]}"
+    o = h.orchestrator
+    await o.apply_workflow(ns, "saga", SAGA)
+    state, _ = await o.start(ns, "run-1", "saga", {})
+    async with h.pool.acquire() as conn:  # as the operator registers an object's run
+        await conn.execute(
+            "INSERT INTO sagaflow_kube_executions (execution_id, namespace, name) "
+            "VALUES ($1, $2, 'run-1')",
+            state.execution_id,
+            ns,
+        )
+    h.clock.advance(42)
+    sampler = GaugeSampler(h.pool, bus_in_database=True, clock=h.clock)
+    await sampler.sample_once()
+    assert value("sagaflow_mirror_backlog") == 1
+    assert value("sagaflow_mirror_lag_seconds") == pytest.approx(42, abs=0.5)
+    async with h.pool.acquire() as conn:  # mirrored: the status shows this revision
+        await conn.execute(
+            "UPDATE sagaflow_kube_executions k SET mirrored_revision = e.revision "
+            "FROM sagaflow_executions e WHERE e.execution_id = k.execution_id"
+        )
+    await sampler.sample_once()
+    assert (value("sagaflow_mirror_backlog"), value("sagaflow_mirror_lag_seconds")) == (0, 0)
