@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -27,7 +26,7 @@ from typing import Any, TypeVar
 import pytest
 import yaml
 from test_local_mode import ROOT, state_dir  # noqa: F401
-from test_server_flow import free_port
+from test_server_flow import free_port, stop
 
 pytestmark = [
     pytest.mark.timeout(180),
@@ -41,16 +40,6 @@ SAMPLE = ROOT / "samples" / "order-fulfilment.yaml"
 RUNNERS = ROOT / "samples" / "order_runners.py"
 RULES = ROOT / "charts" / "sagaflow" / "files" / "prometheus-rules.yaml"
 T = TypeVar("T")
-
-
-def stop(process: subprocess.Popen[Any]) -> None:
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=10)
 
 
 @pytest.fixture

@@ -67,12 +67,18 @@ def server(state_dir: Path) -> Iterator[tuple[str, Path]]:  # noqa: F811
         assert "loopback only" in said[-1] and "no authentication" in said[0]
         yield url, state_dir
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        finally:
-            if process.poll() is None:
-                process.kill()
+        stop(process)
+
+
+def stop(process: subprocess.Popen[Any]) -> None:
+    """SIGTERM, as a user stops the server, and a kill if it does not end within 60 s."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
 
 
 def test_start_by_http_signal_and_watch_it_complete(server: tuple[str, Path]) -> None:

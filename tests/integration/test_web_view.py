@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -29,7 +28,7 @@ from typing import Any
 import pytest
 from pg import server_dir
 from test_local_mode import ROOT, stop_leftover_postgres
-from test_server_flow import free_port, post
+from test_server_flow import free_port, post, stop
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -95,12 +94,9 @@ def sagaflow_server(files: list[Path], runners: list[Path], **env: str) -> Itera
             assert ready.wait(120) and process.poll() is None, "".join(said)
             yield f"http://127.0.0.1:{port}"
         finally:
-            process.send_signal(signal.SIGTERM)
             try:
-                process.wait(timeout=60)
+                stop(process)
             finally:
-                if process.poll() is None:
-                    process.kill()
                 stop_leftover_postgres(state)
             reader.join(10)
 
