@@ -8,6 +8,8 @@ user would, by writing objects, and read what the operator wrote back.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -406,9 +408,15 @@ async def test_with_a_peering_object_one_replica_runs_the_handlers(
         {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "sagaflow"}},
     )
     await cluster.operator.stop()
-    peered = {"SAGAFLOW_PEERING_NAME": "sagaflow"}
-    cluster.operator.env.update(peered, SAGAFLOW_PEERING_PRIORITY="100")
-    low = second_operator(cluster, tmp_path, SAGAFLOW_PEERING_PRIORITY="50", **peered)
+    # Each replica serves /metrics (on the API port), its `sagaflow_leader` sampled often.
+    high_port, low_port = free_port(), free_port()
+    peered = {"SAGAFLOW_PEERING_NAME": "sagaflow", "SAGAFLOW_METRICS_INTERVAL": "0.2"}
+    cluster.operator.env.update(
+        peered, SAGAFLOW_PEERING_PRIORITY="100", SAGAFLOW_API_PORT=str(high_port)
+    )
+    low = second_operator(
+        cluster, tmp_path, SAGAFLOW_PEERING_PRIORITY="50", SAGAFLOW_API_PORT=str(low_port), **peered
+    )
     await cluster.operator_watching()
     async with running(low):
         # kopf starts a peered operator paused until it has read the peering object:
@@ -424,12 +432,26 @@ async def test_with_a_peering_object_one_replica_runs_the_handlers(
         done = await many_runs(cluster, 3)
         assert all(b["status"]["phase"] == "Completed" for b in done)
         assert "Handler" not in low.output()  # paused: the higher priority ran them all
+        assert await leader_gauge(high_port, 1.0) and await leader_gauge(low_port, 0.0)
         await cluster.operator.stop()  # the leader goes: the other takes over
         order = next(d for d in sample_documents() if d["kind"] == "Execution")["spec"]["input"]
         await cluster.apply(EXECUTIONS, execution("after", "order-fulfilment", input=order))
         body = await cluster.wait_status(EXECUTIONS, "after", phase_is("Completed", "Failed"))
         assert body["status"]["phase"] == "Completed"
         assert "Resuming operations" in low.output()
+        assert await leader_gauge(low_port, 1.0)
+
+
+async def leader_gauge(port: int, expected: float, within: float = 30) -> bool:
+    """Whether the replica on `port` comes to report `sagaflow_leader` as `expected`."""
+    line = f"sagaflow_leader {expected}"
+    async with aiohttp.ClientSession() as http, asyncio.timeout(within):
+        while True:
+            with contextlib.suppress(aiohttp.ClientError):
+                async with http.get(f"http://127.0.0.1:{port}/metrics") as r:
+                    if line in (await r.text()).splitlines():
+                        return True
+            await asyncio.sleep(0.1)  # polling a process's endpoint: no event to wait on
 
 
 async def test_kubectl_shows_where_an_execution_is_and_why(
