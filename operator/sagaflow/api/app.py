@@ -197,13 +197,14 @@ class _Routes:
         _query(request, ())
         body = await _body(request, required=False)
         _only(body, ("data",))
-        outcome = await self.service.signal(
-            namespace,
-            request.match_info["name"],
-            request.match_info["signal"],
-            body.get("data"),
-            _idempotency_key(request),
-        )
+        with tracing.incoming(request.headers):  # a caller's trace: linked to the run's
+            outcome = await self.service.signal(
+                namespace,
+                request.match_info["name"],
+                request.match_info["signal"],
+                body.get("data"),
+                _idempotency_key(request),
+            )
         return _outcome(outcome)
 
     def control(self, action: str) -> Handler:
@@ -212,22 +213,27 @@ class _Routes:
             _query(request, ())
             body = await _body(request, required=action == "skip-compensation")
             name = request.match_info["name"]
-            if action == "redrive":
-                _only(body, ("latest",))
-                latest = _typed(body, "latest", bool, "true or false") or False
-                outcome = await self.service.control(namespace, name, action, latest=latest)
-            elif action == "skip-compensation":
-                _only(body, ("steps",))
-                steps = _typed(body, "steps", list, "a list of step names")
-                if not steps or not all(isinstance(s, str) for s in steps):
-                    raise bad_request("'steps' must list at least one step name", "steps")
-                outcome = await self.service.control(namespace, name, action, steps=steps)
-            else:
-                _only(body, ())
-                outcome = await self.service.control(namespace, name, action)
-            return _outcome(outcome)
+            with tracing.incoming(request.headers):  # a caller's trace: linked to the run's
+                return _outcome(await self._control(namespace, name, action, body))
 
         return handle
+
+    async def _control(
+        self, namespace: str, name: str, action: str, body: dict[str, Any]
+    ) -> Outcome:
+        """The control request `action` with what its body may say."""
+        if action == "redrive":
+            _only(body, ("latest",))
+            latest = _typed(body, "latest", bool, "true or false") or False
+            return await self.service.control(namespace, name, action, latest=latest)
+        if action == "skip-compensation":
+            _only(body, ("steps",))
+            steps = _typed(body, "steps", list, "a list of step names")
+            if not steps or not all(isinstance(s, str) for s in steps):
+                raise bad_request("'steps' must list at least one step name", "steps")
+            return await self.service.control(namespace, name, action, steps=steps)
+        _only(body, ())
+        return await self.service.control(namespace, name, action)
 
     async def webhook(self, request: web.Request) -> web.Response:
         namespace, path = request.match_info["ns"], request.match_info["path"]

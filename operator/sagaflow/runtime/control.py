@@ -22,7 +22,7 @@ from sagaflow.core.engine import decide
 from sagaflow.core.facts import Control, Fact, Redrive, SignalReceived
 from sagaflow.core.ports import ReceivedMessage
 from sagaflow.core.state import ExecutionState
-from sagaflow.telemetry import metrics
+from sagaflow.telemetry import metrics, tracing
 
 if TYPE_CHECKING:
     from sagaflow.runtime.orchestrator import Orchestrator
@@ -101,7 +101,9 @@ async def apply_one(
                 version = state.version if current is None else current
             definition = await o.store.definition(conn, state.namespace, state.workflow, version)
             if fresh:
-                decision = decide(state, definition, fact, now)
+                named = {"signal": fact.name} if isinstance(fact, SignalReceived) else {}
+                with tracing.requested(state, type(fact).__name__, inbox_id, **named):
+                    decision = decide(state, definition, fact, now)
                 cause = (
                     f"signal:{fact.signal_id}"
                     if isinstance(fact, SignalReceived)

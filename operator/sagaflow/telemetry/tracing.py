@@ -11,7 +11,9 @@ What the trace of an execution looks like:
   the attempt's span, current while the handler runs, so spans the handler opens with
   the plain OpenTelemetry API nest under it; the result event carries its context;
 - `sagaflow.apply <step>`: the orchestrator applying that result, under the handler's
-  span.
+  span;
+- `sagaflow.request <kind>`: a signal or a control request applied to the run, in
+  the run's trace, linked to the caller's (a request belongs to the run it changes).
 
 The execution's trace context is a field of `ExecutionState` (`traceparent`), not a
 column: the state document is what every transition already reads and locks, so no
@@ -207,6 +209,32 @@ def applying(
             "sagaflow.attempt": result.attempt,
             "sagaflow.compensation": result.compensation,
             "sagaflow.result": result.kind,
+        },
+    )
+    with trace.use_span(span, end_on_exit=False):
+        yield
+    _finish(span)
+
+
+@contextlib.contextmanager
+def requested(
+    state: ExecutionState, kind: str, request_id: str, **attributes: Any
+) -> Iterator[None]:
+    """A `sagaflow.request <kind>` span for applying a signal or a control request to
+    the run, in the run's trace; a caller's trace current here (an HTTP request's
+    `traceparent`, a trigger's message) is linked, so both traces lead to the other."""
+    caller = trace.get_current_span().get_span_context()
+    links = [trace.Link(caller)] if caller.is_valid else None
+    span = _tracer().start_span(
+        f"sagaflow.request {kind}",
+        context=_parent(state.traceparent),
+        kind=SpanKind.CONSUMER,
+        links=links,
+        attributes={
+            "sagaflow.execution_id": state.execution_id,
+            "sagaflow.execution": state.key,
+            "sagaflow.request_id": request_id,
+            **{f"sagaflow.{k}": v for k, v in attributes.items()},
         },
     )
     with trace.use_span(span, end_on_exit=False):
