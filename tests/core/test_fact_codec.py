@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 from hypothesis import given
@@ -24,6 +24,7 @@ from sagaflow.core.facts import (
     StepHeartbeat,
     Suspend,
     TimerFired,
+    TimerKind,
 )
 
 _text = st.text(max_size=12)
@@ -37,18 +38,7 @@ _json: st.SearchStrategy[Any] = st.recursive(
     max_leaves=8,
 )
 _attempt = st.integers(0, 1000)
-_kinds = st.sampled_from(
-    [
-        "retry",
-        "step-timeout",
-        "heartbeat-timeout",
-        "workflow-timeout",
-        "wait",
-        "compensation-retry",
-        "compensation-timeout",
-        "signal-timeout",
-    ]
-)
+_kinds = st.sampled_from(get_args(TimerKind))
 
 facts: st.SearchStrategy[Transition] = st.one_of(
     st.builds(Start, st.booleans()),

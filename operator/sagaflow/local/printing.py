@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from sagaflow.core.manifests import ExecutionPhase
+from sagaflow.core.replay import TRANSITION
 
 
 def as_list(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -122,7 +123,6 @@ def schedules_table(items: Sequence[dict[str, Any]]) -> str:
 
 
 def history_table(rows: Sequence[dict[str, Any]]) -> str:
-    """History lines; Transition rows are replay records, not lines (`local/timeline.py`)."""
     return table(
         ["AT", "KIND", "STEP", "ATTEMPT", "MESSAGE"],
         [
@@ -134,7 +134,6 @@ def history_table(rows: Sequence[dict[str, Any]]) -> str:
                 r["message"],
             ]
             for r in rows
-            if r["kind"] != "Transition"
         ],
     )
 
@@ -180,7 +179,8 @@ def describe_execution(execution: dict[str, Any], history: Sequence[dict[str, An
             for line in table(["TYPE", "STATUS", "REASON", "MESSAGE"], rows).splitlines()
         ]
     lines.append("Events:")
-    recent = [r for r in history if r["kind"] != "Transition"][-10:]
+    # Transition rows are replay records, not lines (`local/timeline.py`).
+    recent = [r for r in history if r["kind"] != TRANSITION][-10:]
     if not recent:
         lines.append("  <none>")
     else:

@@ -16,9 +16,9 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+from sagaflow.core.replay import TRANSITION
 from sagaflow.local.printing import table
 
-TRANSITION = "Transition"
 # Lines that begin what a later line of the same step, attempt and side settles.
 _OPENERS = frozenset(
     {
@@ -104,7 +104,7 @@ def state_text(doc: dict[str, Any]) -> str:
     """`sagaflow history NAME --at TIME`: the phase, the steps, the pending timers."""
     lines = [
         f"At:      {doc['at']}",
-        f"As of:   {doc['asOf']} (the last transition before)",
+        f"As of:   {doc['asOf']} (the last transition at or before it)",
         f"Phase:   {doc['phase']}",
         "Steps:",
     ]

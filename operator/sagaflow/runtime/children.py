@@ -155,11 +155,11 @@ async def _start(
     out = await gate.admit_waiting(o.batch_size) if limits else []
     for state, definition in fresh:
         if definition.max_executions is None:
-            decision = decide(state, definition, Start(), now)
+            start = Start()
+            decision = decide(state, definition, start, now)
+            cause = _cause(state)
             out.append(
-                Applied(
-                    state.execution_id, decision, fact=Start(), cause=_cause(state), initial=state
-                )
+                Applied(state.execution_id, decision, fact=start, cause=cause, initial=state)
             )
         else:
             out.append(gate.place(state, definition, False, _cause(state)))

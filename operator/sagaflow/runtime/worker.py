@@ -77,7 +77,7 @@ from sagaflow.runtime.isolation import Gate
 from sagaflow.runtime.outages import OutageWatch
 from sagaflow.runtime.threads import DaemonThreads
 from sagaflow.runtime.watchdog import LoopWatchdog
-from sagaflow.telemetry import metrics, tracing
+from sagaflow.telemetry import metrics, observe, tracing
 from sagaflow.telemetry.logs import attempt_context
 from sagaflow_runner import AsyncHandler, Registry, StepContext
 
@@ -341,9 +341,8 @@ class RunnerWorker:
         attempt = Attempt(self._bus, cmd, message, self._clock(), self._background)
         self._attempts[cmd.attempt_id] = attempt
         # Enqueue times are the bus's wall clock, so the wait is read on the wall clock.
-        metrics.QUEUE_WAIT.labels(message.queue).observe(
-            max((utc_now() - message.enqueued_at).total_seconds(), 0.0)
-        )
+        waited = observe.seconds_since(message.enqueued_at, utc_now())
+        metrics.QUEUE_WAIT.labels(message.queue).observe(waited)
         began = time.perf_counter()
         try:
             with (
